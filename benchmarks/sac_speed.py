@@ -1,0 +1,100 @@
+"""Training throughput of sac_continuous.py (eager and --compile) against Stable-Baselines3's SAC, side by side.
+
+Every run does the same work: Hopper-v5, 256x256 networks, batch 256, Adam 3e-4 everywhere, automatic temperature,
+one gradient step per environment step, target update every step, `--warmup` uniform-random steps, then
+`--warmup-updates` untimed gradient steps (torch.compile compiles here), then `--timed-steps` timed steps, each one
+environment step plus one gradient step. Implementations run one at a time in fresh processes, in alternating order,
+`--repeats` times; the table shows the median updates/s and its ratio to SB3's.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/sac_speed.py --repeats 3
+"""
+
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SB3_SNIPPET = textwrap.dedent("""
+    import sys, time, gymnasium as gym
+    from stable_baselines3 import SAC
+    warmup, warmup_updates, timed = map(int, sys.argv[1:4])
+    model = SAC("MlpPolicy", gym.make("Hopper-v5"), learning_rate=3e-4, buffer_size=1_000_000,
+                learning_starts=warmup, batch_size=256, tau=0.005, gamma=0.99, train_freq=1, gradient_steps=1,
+                ent_coef="auto", target_update_interval=1, policy_kwargs=dict(net_arch=[256, 256]),
+                device="cpu", seed=1, verbose=0)
+    model.learn(warmup + warmup_updates)
+    start = time.perf_counter()
+    model.learn(timed, reset_num_timesteps=False)
+    print("UPDATES_PER_SECOND", timed / (time.perf_counter() - start))
+""")
+
+
+def run_ours(warmup: int, warmup_updates: int, timed: int, compile: bool) -> float:
+    """Run the real CLI; read the wall time of the TensorBoard SPS events logged at the window's two ends."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as workdir:
+        begin, end = warmup + warmup_updates, warmup + warmup_updates + timed
+        command = [sys.executable, os.path.join(ROOT, "sac_continuous.py"), "--env-id", "Hopper-v5",
+                   "--total-timesteps", str(end), "--learning-starts", str(warmup), "--log-every", str(warmup_updates),
+                   "--eval-every", str(10 * end), "--eval-episodes", "1", "--seed", "1"]
+        if compile:
+            command.append("--compile")
+        subprocess.run(command, cwd=workdir, check=True, capture_output=True)
+        events = EventAccumulator(glob.glob(os.path.join(workdir, "runs", "*"))[0])
+        events.Reload()
+        wall = {event.step: event.wall_time for event in events.Scalars("charts/SPS")}
+        assert timed % warmup_updates == 0, "--timed-steps must be a multiple of --warmup-updates"
+        return timed / (wall[end] - wall[begin])
+
+
+def run_sb3(warmup: int, warmup_updates: int, timed: int) -> float:
+    result = subprocess.run([sys.executable, "-c", SB3_SNIPPET, str(warmup), str(warmup_updates), str(timed)],
+                            check=True, capture_output=True, text=True)
+    return float(result.stdout.split("UPDATES_PER_SECOND")[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1000, help="uniform-random steps before updates")
+    parser.add_argument("--warmup-updates", type=int, default=1000, help="untimed steps with updates")
+    parser.add_argument("--timed-steps", type=int, default=3000, help="timed steps (env step + update)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the --compile runs")
+    args = parser.parse_args()
+
+    runners = {
+        "Stable-Baselines3 2.x SAC": lambda: run_sb3(args.warmup, args.warmup_updates, args.timed_steps),
+        "sac_continuous.py": lambda: run_ours(args.warmup, args.warmup_updates, args.timed_steps, compile=False),
+    }
+    if not args.no_compile:
+        runners["sac_continuous.py --compile"] = lambda: run_ours(args.warmup, args.warmup_updates, args.timed_steps,
+                                                                  compile=True)
+    results = {name: [] for name in runners}
+    for repeat in range(args.repeats):
+        order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
+        for name in order:
+            results[name].append(runners[name]())
+            print(f"repeat {repeat + 1}: {name}: {results[name][-1]:.1f} updates/s", flush=True)
+
+    import stable_baselines3
+    import torch
+
+    baseline = statistics.median(results["Stable-Baselines3 2.x SAC"])
+    print(f"\nHopper-v5, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"stable-baselines3 {stable_baselines3.__version__}, {os.cpu_count()} CPUs, median of {args.repeats}")
+    print("| implementation | updates/s (median) | runs | vs SB3 |\n|---|---|---|---|")
+    for name, values in results.items():
+        runs = ", ".join(f"{value:.0f}" for value in values)
+        print(f"| {name} | {statistics.median(values):.1f} | {runs} | {statistics.median(values) / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,650 @@
+"""Soft Actor-Critic (SAC) for continuous control, in one file.
+
+Paper: T. Haarnoja, A. Zhou, K. Hartikainen, G. Tucker, S. Ha, J. Tan, V. Kumar, H. Zhu, A. Gupta, P. Abbeel,
+S. Levine, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (2018).
+
+What this file implements, in the paper's terms:
+  * Algorithm 1 (Soft Actor-Critic): alternate one environment step with one gradient step.
+  * Twin soft Q-functions trained on the soft Bellman residual J_Q (Eq. 5), with Polyak-averaged target copies and
+    the minimum of the two in the target and in the policy objective (Section 6, "two Q-functions").
+  * A tanh-squashed Gaussian policy trained with the reparameterised objective J_pi (Eqs. 7-10); the change of
+    variables for the squashing (Appendix C) in its numerically stable form.
+  * Automatic temperature adjustment: minimise J(alpha) (Eq. 18) with target entropy -dim(A), through log alpha.
+What it leaves out: the separate state-value network V_psi of the first SAC paper (arXiv:1801.01290), which the
+second paper drops; the paper's real-robot experiments.
+Checked against: rail-berkeley/softlearning (the authors' code), Stable-Baselines3 `sac/`, CleanRL
+`sac_continuous_action.py`. Every departure from the paper is marked `# Deviation:`.
+
+Commands:
+    python sac_continuous.py --env-id Pendulum-v1 --total-timesteps 15000 --learning-starts 1000 --eval-every 5000
+    python sac_continuous.py --env-id Hopper-v5 --save-model --export-replay data/hopper_replay.npz
+    python sac_continuous.py --eval-checkpoint runs/<run_name>/sac_continuous.pt --eval-episodes 10
+"""
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+SCRIPT = "sac_continuous"
+CHECKPOINT_VERSION = 1
+
+
+def fail(message: str):
+    """Stop with a one-line error that names the fix (no traceback)."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = SCRIPT
+    """name of this experiment; part of the run name `{env_id}__{exp_name}__{seed}__{unix_time}`"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments (the evaluation env uses seed + 10000 + episode)"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic` (no effect on CPU, where runs are already deterministic)"""
+    cuda: bool = True
+    """train on CUDA when it is available"""
+    compile: bool = False
+    """wrap the loss functions with torch.compile (first updates are slow while it compiles)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "rl-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team); None means your default"""
+    capture_video: bool = False
+    """record the final evaluation episodes to `videos/{run_name}/` (needs `pip install moviepy`)"""
+
+    # Environment
+    env_id: str = "Hopper-v5"
+    """any Gymnasium id with a bounded Box action space"""
+    total_timesteps: int = 1_000_000
+    """environment steps to train for (the paper's MuJoCo runs: 1M for Hopper, 3M for HalfCheetah)"""
+
+    # Algorithm (defaults: the paper's Table 1 unless the docstring says otherwise)
+    buffer_size: int = 1_000_000
+    """replay buffer capacity, in transitions (paper: 1e6)"""
+    gamma: float = 0.99
+    """discount factor (paper: 0.99)"""
+    tau: float = 0.005
+    """target smoothing coefficient: theta_bar <- tau theta + (1 - tau) theta_bar (paper: 0.005)"""
+    batch_size: int = 256
+    """minibatch size per gradient step (paper: 256)"""
+    learning_starts: int = 10_000
+    """uniform-random steps before the first gradient step (not in the paper's table; softlearning: 10 episodes of
+    1000 steps on MuJoCo; CleanRL: 5e3)"""
+    hidden_dim: int = 256
+    """units in each of the 2 hidden ReLU layers of every network (paper: 256)"""
+    policy_lr: float = 3e-4
+    """Adam learning rate of the policy (paper: 3e-4)"""
+    q_lr: float = 3e-4
+    """Adam learning rate of the Q-functions (paper: 3e-4; CleanRL: 1e-3)"""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of log alpha (paper: 3e-4)"""
+    policy_frequency: int = 1
+    """update the policy (and alpha) every N steps, N times in a row (paper: 1; CleanRL: 2)"""
+    target_network_frequency: int = 1
+    """Polyak-update the target Q-functions every N gradient steps (paper: 1)"""
+    autotune: bool = True
+    """learn the temperature alpha with Eq. 18 (paper); --no-autotune keeps it fixed at --alpha"""
+    alpha: float = 0.2
+    """fixed temperature, used only with --no-autotune (the first SAC paper's reward-scale setting)"""
+    initial_alpha: float = 1.0
+    """starting temperature with --autotune (log alpha = 0, as in softlearning, SB3 and CleanRL)"""
+    log_std_min: float = -20.0
+    """lower clamp of the policy's log standard deviation (haarnoja/sac and SB3: -20; CleanRL: -5)"""
+    log_std_max: float = 2.0
+    """upper clamp of the policy's log standard deviation (haarnoja/sac, SB3 and CleanRL: 2)"""
+
+    # Evaluation and logging
+    eval_every: int = 10_000
+    """evaluate the deterministic policy every N environment steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_every: int = 2_000
+    """write losses to TensorBoard and print a progress line every N environment steps"""
+
+    # Checkpoints and offline data
+    save_model: bool = False
+    """write `runs/{run_name}/sac_continuous.pt` (atomically) at every evaluation and at the end"""
+    eval_checkpoint: str | None = None
+    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit"""
+    resume: str | None = None
+    """continue training from this checkpoint (its env, network sizes and step; the replay buffer starts empty)"""
+    export_replay: str | None = None
+    """write every transition collected in training to this .npz ("medium-replay" style, DATASET.md layout)"""
+    export_rollouts: str | None = None
+    """after training, write rollouts of the final policy to this .npz ("medium"/"expert" style)"""
+    export_rollout_steps: int = 100_000
+    """environment steps of final-policy rollouts for --export-rollouts (D4RL used 1e6)"""
+    export_rollout_deterministic: bool = False
+    """roll out the mean action tanh(mu) instead of sampling from the policy (D4RL sampled)"""
+
+
+def validate_args(args: Args):
+    """Reject nonsensical settings up front, with a one-line error."""
+    positive = ["total_timesteps", "buffer_size", "batch_size", "hidden_dim", "policy_lr", "q_lr", "alpha_lr",
+                "policy_frequency", "target_network_frequency", "eval_every", "eval_episodes", "log_every",
+                "export_rollout_steps", "alpha", "initial_alpha"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.learning_starts < 0:
+        fail(f"--learning-starts must be >= 0, got {args.learning_starts}")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if args.log_std_min >= args.log_std_max:
+        fail(f"--log-std-min ({args.log_std_min}) must be below --log-std-max ({args.log_std_max})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------------------
+# D4RL's random (0) and expert (100) returns for the normalised score, from ../shared/reference/DATASET.md.
+# They were measured on the v2 environments, so on v5 they are an approximation.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def reference_scores(env_id: str) -> tuple[float, float] | None:
+    """(random, expert) returns for a D4RL locomotion task, e.g. "Hopper-v5" -> hopper's; None for other tasks."""
+    return D4RL_REF_SCORES.get(env_id.split("-v")[0].lower())
+
+
+def normalized_score(episode_return, env_id: str):
+    refs = reference_scores(env_id)
+    return None if refs is None else 100.0 * (episode_return - refs[0]) / (refs[1] - refs[0])
+
+
+def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
+    """One Gymnasium env (not a vector env: with a single env, `next_obs` at an episode end is the real final
+    observation, and there is no autoreset to get wrong). Checks that SAC can act in it."""
+    try:
+        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
+    except gym.error.Error as error:
+        fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous Box action space "
+             "(use a discrete-action method such as DQN, or pick a continuous env such as Pendulum-v1)")
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        fail(f"{env_id} has unbounded actions; wrap it in gymnasium.wrappers.RescaleAction to give finite bounds")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        fail(f"{env_id} has {env.observation_space} observations; SAC here needs a flat Box "
+             "(wrap it in gymnasium.wrappers.FlattenObservation)")
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    if video_dir:
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
+    env.action_space.seed(seed)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """A ring buffer of preallocated rows on the training device. Each row packs one transition
+    [s_t | a_t | r_t | terminated_t | s_{t+1}], so storing a step is one host-to-device copy and sampling a batch is
+    one gather. Actions are stored in the policy's [-1, 1] units. Truncation is not stored: a truncated step
+    bootstraps like any other, only termination cuts the return."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.obs_dim, self.act_dim = capacity, obs_dim, act_dim
+        self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        self.position, self.size = 0, 0
+
+    def add(self, obs, action, reward, terminated, next_obs):
+        row = np.concatenate([obs, action, [reward, float(terminated)], next_obs]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row).to(self.rows.device, non_blocking=True)
+        self.position = (self.position + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int):
+        """Uniform minibatch, drawn on the device: (obs, actions, rewards, terminations, next_obs)."""
+        index = torch.randint(0, self.size, (batch_size,), device=self.rows.device)
+        batch = self.rows[index]  # (B, 2 * obs_dim + act_dim + 2)
+        return torch.split(batch, [self.obs_dim, self.act_dim, 1, 1, self.obs_dim], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------------
+class TwinQNetwork(nn.Module):
+    """The two soft Q-functions Q_theta1, Q_theta2 (2 hidden ReLU layers each). Their weights are stacked on a
+    leading axis of size 2 so that one batched matmul evaluates both: the same maths as two nn.Sequential MLPs,
+    with half the kernel launches. Each layer is initialised like nn.Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_q: int = 2):
+        super().__init__()
+        sizes = [obs_dim + act_dim, hidden_dim, hidden_dim, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """Q_i(s, a) for i = 1, 2 as a (2, B) tensor. With detach_params, gradients reach the actions only (used by
+        the policy loss, which must not train the critics)."""
+        x = torch.cat([obs, actions], dim=-1)  # (B, obs_dim + act_dim)
+        x = x.unsqueeze(0).expand(len(self.weights[0]), -1, -1)  # (2, B, obs_dim + act_dim)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            if detach_params:
+                weight, bias = weight.detach(), bias.detach()
+            x = torch.baddbmm(bias, x, weight)  # (2, B, fan_out) = bias + x @ weight
+            if layer < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)  # (2, B)
+
+
+def squashed_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mean, exp(log_std)^2), summed over action dimensions.
+
+    Appendix C: log pi(a|s) = log mu(u|s) - sum_i log(1 - tanh(u_i)^2), written with the identity
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), which stays finite where tanh(u) rounds to +-1."""
+    gaussian = -0.5 * ((u - mean) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det_jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    return (gaussian - log_det_jacobian).sum(-1)
+
+
+class Actor(nn.Module):
+    """The policy pi_phi: a Gaussian over u whose mean and log std come from a 2-hidden-layer ReLU MLP, squashed by
+    tanh into [-1, 1]^dim(A). The environment's bounds are applied outside (see `to_env_action`), so the entropy
+    target -dim(A) means the same for every action range."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, log_std_min: float, log_std_max: float):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()
+        )
+        self.mean = nn.Linear(hidden_dim, act_dim)
+        self.log_std = nn.Linear(hidden_dim, act_dim)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.trunk(obs)  # (B, hidden_dim)
+        log_std = self.log_std(hidden).clamp(self.log_std_min, self.log_std_max)
+        return self.mean(hidden), log_std  # (B, act_dim) each
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a ~ pi(.|s) by reparameterisation, with its log-probability: (B, act_dim), (B,)."""
+        mean, log_std = self(obs)
+        # Eq. 8: a = f_phi(eps; s) = tanh(mu + sigma * eps), eps ~ N(0, I)
+        u = mean + torch.exp(log_std) * torch.randn_like(mean)
+        return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std)
+
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The evaluation action tanh(mu(s)), as in the paper's evaluation and softlearning."""
+        return torch.tanh(self(obs)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses and the update (Algorithm 1, one gradient step)
+# ----------------------------------------------------------------------------------------------------------------------
+def soft_q_target(actor, qf_target, rewards, terminations, next_obs, alpha, gamma):
+    """Eqs. 2-3: y = r + gamma (1 - terminated) V(s'), V(s') = min_i Q_bar_i(s', a') - alpha log pi(a'|s'),
+    a' ~ pi(.|s'). Terminations stop the bootstrap; time-limit truncations do not (the state was not terminal)."""
+    with torch.no_grad():
+        next_actions, next_log_prob = actor.sample(next_obs)
+        next_q = qf_target(next_obs, next_actions).min(dim=0).values  # (B,) min over the twin target Q-functions
+        next_value = next_q - alpha * next_log_prob  # Eq. 3: soft state value
+        return rewards.squeeze(-1) + gamma * (1.0 - terminations.squeeze(-1)) * next_value  # Eq. 2: soft backup
+
+
+def critic_loss_fn(qf, qf_target, actor, obs, actions, rewards, terminations, next_obs, alpha, gamma):
+    """Eq. 5, for both Q-functions: J_Q(theta_i) = E[1/2 (Q_theta_i(s, a) - y)^2]; returns their sum, and per-Q
+    losses and mean Q values for logging."""
+    target = soft_q_target(actor, qf_target, rewards, terminations, next_obs, alpha, gamma)  # (B,)
+    q_values = qf(obs, actions)  # (2, B)
+    qf_losses = 0.5 * (q_values - target).pow(2).mean(dim=1)  # (2,)
+    return qf_losses.sum(), qf_losses.detach(), q_values.mean(dim=1).detach()
+
+
+def actor_loss_fn(actor, qf, obs, alpha):
+    """Eqs. 7 and 9: J_pi(phi) = E_s,eps[alpha log pi(f_phi(eps; s)|s) - min_i Q_theta_i(s, f_phi(eps; s))].
+    The critics' weights are detached: this loss trains the policy only."""
+    actions, log_prob = actor.sample(obs)
+    q_min = qf(obs, actions, detach_params=True).min(dim=0).values  # (B,)
+    return (alpha * log_prob - q_min).mean(), log_prob.detach()
+
+
+def alpha_loss_fn(log_alpha, log_prob, target_entropy):
+    """Eq. 18: J(alpha) = E_a~pi[-alpha log pi(a|s) - alpha H_bar], optimised through log alpha so alpha stays > 0."""
+    return (-log_alpha.exp() * (log_prob + target_entropy)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation, checkpoints and datasets
+# ----------------------------------------------------------------------------------------------------------------------
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map a policy action in [-1, 1] to the env's own bounds, per dimension: low + (a + 1) (high - low) / 2."""
+    return low + 0.5 * (action + 1.0) * (high - low)
+
+
+@torch.no_grad()
+def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy tanh(mu(s)). Episode i resets with seed + i, so
+    every evaluation (in training, or later from a checkpoint) starts from the same initial states."""
+    low, high = env.action_space.low, env.action_space.high
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            action = actor.act_deterministic(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            obs, reward, terminated, truncated, _ = env.step(to_env_action(action[0].cpu().numpy(), low, high))
+            returns[episode] += reward
+            done = terminated or truncated
+    return returns
+
+
+def describe_returns(returns: np.ndarray, env_id: str) -> str:
+    text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+    score = normalized_score(returns.mean(), env_id)
+    return text if score is None else f"{text} (normalized score {score:.1f}, D4RL v2 references)"
+
+
+def atomic_write(path: str, write):
+    """Write through `write(file)` into a temporary file beside `path`, then rename: a crash never leaves a
+    half-written file under `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist; train with --save-model to write runs/<run_name>/{SCRIPT}.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"cannot read checkpoint '{path}' ({type(error).__name__}); it is corrupt or not a torch file: "
+             "re-create it with --save-model")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
+             f"load it with {script + '.py' if script else 'the script that wrote it'}")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        fail(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this script reads version "
+             f"{CHECKPOINT_VERSION}; re-create it with this script's --save-model")
+    return checkpoint
+
+
+class TransitionLog:
+    """Host-side record of transitions in the DATASET.md layout (actions in env units, real final observations)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.arrays = {
+            "observations": np.zeros((capacity, obs_dim), np.float32),
+            "actions": np.zeros((capacity, act_dim), np.float32),
+            "rewards": np.zeros(capacity, np.float32),
+            "next_observations": np.zeros((capacity, obs_dim), np.float32),
+            "terminals": np.zeros(capacity, bool),
+            "timeouts": np.zeros(capacity, bool),
+        }
+        self.size = 0
+
+    def add(self, obs, env_action, reward, next_obs, terminated, truncated):
+        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, truncated)):
+            self.arrays[key][self.size] = value
+        self.size += 1
+
+    def save(self, path: str, env_id: str, source: str):
+        """Write the .npz atomically. An episode still running when collection stopped keeps neither flag at its
+        last row: DATASET.md's marker of an unfinished episode."""
+        data = {key: value[: self.size] for key, value in self.arrays.items()}
+        data.update(env_id=np.array(env_id), source=np.array(source))
+        if reference_scores(env_id) is not None:
+            data.update(ref_min_score=np.array(reference_scores(env_id)[0]),
+                        ref_max_score=np.array(reference_scores(env_id)[1]))
+        atomic_write(path, lambda file: np.savez(file, **data))
+        print(f"wrote {self.size} transitions to {path}")
+
+
+@torch.no_grad()
+def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
+    """Roll out the final policy for --export-rollout-steps steps on a freshly seeded env and save them."""
+    env = make_env(args.env_id, args.seed + 20_000)
+    low, high = env.action_space.low, env.action_space.high
+    log = TransitionLog(args.export_rollout_steps, env.observation_space.shape[0], env.action_space.shape[0])
+    obs, _ = env.reset(seed=args.seed + 20_000)
+    for _ in range(args.export_rollout_steps):
+        obs_tensor = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+        action = actor.act_deterministic(obs_tensor) if args.export_rollout_deterministic else actor.sample(obs_tensor)[0]
+        env_action = to_env_action(action[0].cpu().numpy(), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        log.add(obs, env_action, reward, next_obs, terminated, truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    policy = "deterministic tanh(mu)" if args.export_rollout_deterministic else "stochastic"
+    log.save(args.export_rollouts, args.env_id,
+             f"{SCRIPT}.py rollouts of the final {policy} policy after {step} training steps, seed {args.seed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    validate_args(args)
+    checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
+    if checkpoint is not None:  # the checkpoint decides the env and the network shapes
+        for key in ("env_id", "hidden_dim", "log_std_min", "log_std_max"):
+            setattr(args, key, checkpoint["args"][key])
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (MuJoCo on a headless machine: MUJOCO_GL=egl)")
+
+    # Seeding (python, numpy, torch, the env and its action space; the evaluation env is seeded separately)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    env = make_env(args.env_id, args.seed)
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    eval_env = make_env(args.env_id, args.seed + 10_000, video_dir)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+
+    actor = Actor(obs_dim, act_dim, args.hidden_dim, args.log_std_min, args.log_std_max).to(device)
+    qf = TwinQNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf_target.load_state_dict(qf.state_dict())  # Algorithm 1: theta_bar_i <- theta_i
+    qf_target.requires_grad_(False)
+    # Temperature: alpha = exp(log alpha); target entropy H_bar = -dim(A) (Section 5 / Section 6).
+    log_alpha = torch.tensor(math.log(args.initial_alpha if args.autotune else args.alpha), device=device,
+                             requires_grad=args.autotune)
+    target_entropy = -float(act_dim)
+    fused = device.type in ("cpu", "cuda")  # one fused Adam kernel per optimizer instead of a loop over tensors
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=fused)
+    actor_optimizer = torch.optim.Adam(  # the policy's and the temperature's Adam, one parameter group each
+        [{"params": actor.parameters(), "lr": args.policy_lr}] + ([{"params": [log_alpha], "lr": args.alpha_lr}] if args.autotune else []),
+        fused=fused,
+    )
+
+    start_step = 0
+    if checkpoint is not None:
+        try:
+            actor.load_state_dict(checkpoint["actor"])
+            qf.load_state_dict(checkpoint["qf"])
+            qf_target.load_state_dict(checkpoint["qf_target"])
+            q_optimizer.load_state_dict(checkpoint["q_optimizer"])
+            actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
+                 f"({type(error).__name__}); re-create it with --save-model")
+        with torch.no_grad():
+            log_alpha.copy_(checkpoint["log_alpha"])
+        start_step = checkpoint["global_step"]
+
+    if args.eval_checkpoint:  # evaluation-only mode
+        returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+        print(f"evaluation of {args.eval_checkpoint} (step {start_step}) on {args.env_id}: "
+              f"{describe_returns(returns, args.env_id)}")
+        eval_env.close()
+        return returns
+
+    if args.compile:
+        global critic_loss_fn, actor_loss_fn
+        critic_loss_fn, actor_loss_fn = torch.compile(critic_loss_fn), torch.compile(actor_loss_fn)
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=asdict(args),
+                   name=run_name, save_code=True)
+    checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
+    print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
+          f"device {device}, {args.total_timesteps} steps")
+
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) if args.export_replay else None
+    # After --resume the buffer starts empty: refill it with --learning-starts steps of the loaded policy.
+    updates_begin = start_step + args.learning_starts
+    metrics, recent_returns, eval_returns = {}, [], None
+
+    def save_model(step):
+        state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step,
+                     actor=actor.state_dict(), qf=qf.state_dict(), qf_target=qf_target.state_dict(),
+                     log_alpha=log_alpha.detach().cpu(), q_optimizer=q_optimizer.state_dict(),
+                     actor_optimizer=actor_optimizer.state_dict())
+        atomic_write(checkpoint_path, lambda file: torch.save(state, file))
+
+    def run_evaluation(step, eval_env):
+        returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+        writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        if normalized_score(returns.mean(), args.env_id) is not None:
+            writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), args.env_id), step)
+        print(f"eval at step {step}: {describe_returns(returns, args.env_id)}")
+        if args.save_model:
+            save_model(step)
+        return returns
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    for global_step in range(start_step, args.total_timesteps):
+        # Algorithm 1, environment step: a_t ~ pi(a_t|s_t) (uniform random before learning starts), s_t+1 ~ p.
+        if start_step == 0 and global_step < args.learning_starts:
+            action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
+            action = action[0].cpu().numpy()
+        env_action = to_env_action(action, low, high)
+        next_obs, reward, terminated, truncated, info = env.step(env_action)
+        # D <- D u {(s_t, a_t, r_t, s_t+1)}; next_obs is the real final observation even at an episode end.
+        rb.add(obs, action, reward, terminated, next_obs)
+        if replay_log is not None:
+            replay_log.add(obs, env_action, reward, next_obs, terminated, truncated)
+        if terminated or truncated:
+            episode_return, episode_length = float(info["episode"]["r"]), int(info["episode"]["l"])
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            recent_returns = (recent_returns + [episode_return])[-10:]
+            obs, _ = env.reset()
+        else:
+            obs = next_obs
+
+        # Algorithm 1, gradient step.
+        if global_step >= updates_begin:
+            obs_b, actions_b, rewards_b, terminations_b, next_obs_b = rb.sample(args.batch_size)
+            alpha = log_alpha.detach().exp()
+            # theta_i <- theta_i - lambda_Q grad J_Q(theta_i), Eq. 6
+            qf_loss, qf_losses, q_means = critic_loss_fn(qf, qf_target, actor, obs_b, actions_b, rewards_b,
+                                                         terminations_b, next_obs_b, alpha, args.gamma)
+            q_optimizer.zero_grad(set_to_none=True)
+            qf_loss.backward()
+            q_optimizer.step()
+            metrics.update(qf1_loss=qf_losses[0], qf2_loss=qf_losses[1], qf1_values=q_means[0], qf2_values=q_means[1])
+
+            # Deviation (only when --policy-frequency > 1, CleanRL's TD3-style delay): the policy is updated every N
+            # steps, N times in a row, so it gets as many gradient steps as in the paper.
+            if global_step % args.policy_frequency == 0:
+                for _ in range(args.policy_frequency):
+                    # phi <- phi - lambda_pi grad J_pi(phi) (Eq. 10), then alpha <- alpha - lambda grad J(alpha) (Eq. 18).
+                    actor_loss, log_prob = actor_loss_fn(actor, qf, obs_b, alpha)
+                    # Both steps share one backward pass and one Adam call (two parameter groups): J_pi sees alpha
+                    # detached and J(alpha) sees log pi detached, so each parameter gets exactly the gradient of its
+                    # own loss, and Adam acts per parameter: the same update as two separate optimizers.
+                    alpha_loss = alpha_loss_fn(log_alpha, log_prob, target_entropy) if args.autotune else 0.0
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    (actor_loss + alpha_loss).backward()
+                    actor_optimizer.step()
+                    alpha = log_alpha.detach().exp()
+                    metrics.update(actor_loss=actor_loss.detach(), entropy=-log_prob.mean(), alpha=alpha)
+                    if args.autotune:
+                        metrics.update(alpha_loss=alpha_loss.detach())
+
+            # theta_bar_i <- tau theta_i + (1 - tau) theta_bar_i (Algorithm 1, last line)
+            if global_step % args.target_network_frequency == 0:
+                with torch.no_grad():
+                    for target_param, param in zip(qf_target.parameters(), qf.parameters()):
+                        target_param.lerp_(param, args.tau)
+
+        # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
+        step = global_step + 1
+        if step % args.log_every == 0 or step == args.total_timesteps:
+            sps = (step - start_step) / (time.time() - start_time)
+            for name, value in metrics.items():
+                writer.add_scalar(f"charts/{name}" if name in ("alpha", "entropy") else f"losses/{name}", value.item(), step)
+            writer.add_scalar("charts/SPS", sps, step)
+            eta = (args.total_timesteps - step) / max(sps, 1e-8)
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+                  f"{int(eta % 60):02d}s | recent return {recent}", flush=True)
+        if step % args.eval_every == 0 and step != args.total_timesteps:
+            eval_returns = run_evaluation(step, eval_env)
+
+    # Final evaluation (with video if asked), checkpoint and datasets.
+    if args.capture_video:
+        eval_env.close()
+        eval_env = make_env(args.env_id, args.seed + 10_000, video_dir)
+    eval_returns = run_evaluation(args.total_timesteps, eval_env)
+    print(f"final evaluation: {describe_returns(eval_returns, args.env_id)}")
+    if args.save_model:
+        print(f"saved checkpoint to {checkpoint_path}")
+    source = f"{SCRIPT}.py training transitions, steps {start_step}-{args.total_timesteps}, seed {args.seed}"
+    if replay_log is not None:
+        replay_log.save(args.export_replay, args.env_id, source)
+    if args.export_rollouts:
+        export_rollouts(actor, args, device, args.total_timesteps)
+    env.close()
+    eval_env.close()
+    writer.close()
+    return eval_returns
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
