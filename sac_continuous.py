@@ -285,12 +285,12 @@ class Actor(nn.Module):
         log_std = self.log_std(hidden).clamp(self.log_std_min, self.log_std_max)
         return self.mean(hidden), log_std  # (B, act_dim) each
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a ~ pi(.|s) by reparameterisation, with its log-probability: (B, act_dim), (B,)."""
+    def sample(self, obs: torch.Tensor, with_log_prob: bool = True):
+        """a ~ pi(.|s) by reparameterisation, with its log-probability: (B, act_dim), (B,) (None if not asked)."""
         mean, log_std = self(obs)
         # Eq. 8: a = f_phi(eps; s) = tanh(mu + sigma * eps), eps ~ N(0, I)
         u = mean + torch.exp(log_std) * torch.randn_like(mean)
-        return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std)
+        return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std) if with_log_prob else None
 
     def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The evaluation action tanh(mu(s)), as in the paper's evaluation and softlearning."""
@@ -435,7 +435,10 @@ def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
     obs, _ = env.reset(seed=args.seed + 20_000)
     for _ in range(args.export_rollout_steps):
         obs_tensor = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-        action = actor.act_deterministic(obs_tensor) if args.export_rollout_deterministic else actor.sample(obs_tensor)[0]
+        if args.export_rollout_deterministic:
+            action = actor.act_deterministic(obs_tensor)
+        else:
+            action, _ = actor.sample(obs_tensor, with_log_prob=False)
         env_action = to_env_action(action[0].cpu().numpy(), low, high)
         next_obs, reward, terminated, truncated, _ = env.step(env_action)
         log.add(obs, env_action, reward, next_obs, terminated, truncated)
@@ -560,7 +563,7 @@ def main(args: Args):
             action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
         else:
             with torch.no_grad():
-                action = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0]
+                action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], False)
             action = action[0].cpu().numpy()
         env_action = to_env_action(action, low, high)
         next_obs, reward, terminated, truncated, info = env.step(env_action)
@@ -581,13 +584,14 @@ def main(args: Args):
         if global_step >= updates_begin:
             obs_b, actions_b, rewards_b, terminations_b, next_obs_b = rb.sample(args.batch_size)
             alpha = log_alpha.detach().exp()
+            metrics["alpha"] = alpha
             # theta_i <- theta_i - lambda_Q grad J_Q(theta_i), Eq. 6
             qf_loss, qf_losses, q_means = critic_loss_fn(qf, qf_target, actor, obs_b, actions_b, rewards_b,
                                                          terminations_b, next_obs_b, alpha, args.gamma)
             q_optimizer.zero_grad(set_to_none=True)
             qf_loss.backward()
             q_optimizer.step()
-            metrics.update(qf1_loss=qf_losses[0], qf2_loss=qf_losses[1], qf1_values=q_means[0], qf2_values=q_means[1])
+            metrics.update(qf_losses=qf_losses, q_means=q_means)  # kept as tensors: read only at logging steps
 
             # Deviation (only when --policy-frequency > 1, CleanRL's TD3-style delay): the policy is updated every N
             # steps, N times in a row, so it gets as many gradient steps as in the paper.
@@ -603,22 +607,30 @@ def main(args: Args):
                     (actor_loss + alpha_loss).backward()
                     actor_optimizer.step()
                     alpha = log_alpha.detach().exp()
-                    metrics.update(actor_loss=actor_loss.detach(), entropy=-log_prob.mean(), alpha=alpha)
-                    if args.autotune:
-                        metrics.update(alpha_loss=alpha_loss.detach())
+                    metrics.update(actor_loss=actor_loss, log_prob=log_prob, alpha=alpha, alpha_loss=alpha_loss)
 
             # theta_bar_i <- tau theta_i + (1 - tau) theta_bar_i (Algorithm 1, last line)
             if global_step % args.target_network_frequency == 0:
-                with torch.no_grad():
-                    for target_param, param in zip(qf_target.parameters(), qf.parameters()):
-                        target_param.lerp_(param, args.tau)
+                with torch.no_grad():  # one fused call over all six tensors (= target.lerp_(online, tau) each)
+                    torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
 
         # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
         step = global_step + 1
         if step % args.log_every == 0 or step == args.total_timesteps:
             sps = (step - start_step) / (time.time() - start_time)
-            for name, value in metrics.items():
-                writer.add_scalar(f"charts/{name}" if name in ("alpha", "entropy") else f"losses/{name}", value.item(), step)
+            if metrics:
+                qf_losses, q_means = metrics["qf_losses"].tolist(), metrics["q_means"].tolist()
+                scalars = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1],
+                           "losses/qf_loss": sum(qf_losses), "losses/qf1_values": q_means[0],
+                           "losses/qf2_values": q_means[1], "charts/alpha": metrics["alpha"].item()}
+                if "actor_loss" in metrics:
+                    scalars.update({"losses/actor_loss": metrics["actor_loss"].item(),
+                                    # Monte-Carlo estimate of the policy entropy H(pi(.|s)) = E[-log pi(a|s)]
+                                    "charts/entropy": -metrics["log_prob"].mean().item()})
+                if args.autotune and "alpha_loss" in metrics:
+                    scalars["losses/alpha_loss"] = metrics["alpha_loss"].item()
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, step)
             writer.add_scalar("charts/SPS", sps, step)
             eta = (args.total_timesteps - step) / max(sps, 1e-8)
             recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
