@@ -1,0 +1,45 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts are single files at the top level: import them as modules
+
+
+def run_script(script: str, *cli_args: str, cwd: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of our scripts through its real command line, in `cwd`."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *cli_args], cwd=cwd,
+                            capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(cli_args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """All TensorBoard scalars of one run directory: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def only_run_dir(cwd: str) -> str:
+    runs = glob.glob(os.path.join(cwd, "runs", "*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def all_finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in a fresh directory (scripts write runs/ and videos/ relative to the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

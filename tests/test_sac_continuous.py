@@ -1,0 +1,314 @@
+"""Tests of sac_continuous.py: the maths, the training loop's bookkeeping, the CLI, learning, and bad input."""
+
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import all_finite, only_run_dir, read_scalars, run_script
+
+import sac_continuous as sac
+
+SCRIPT = "sac_continuous.py"
+
+
+def tiny_args(**overrides) -> sac.Args:
+    """A few hundred steps with small networks: enough to exercise every code path quickly."""
+    settings = dict(env_id="Pendulum-v1", total_timesteps=300, learning_starts=100, batch_size=32, hidden_dim=32,
+                    eval_every=150, eval_episodes=2, log_every=50, seed=3)
+    settings.update(overrides)
+    return sac.Args(**settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Maths
+# ----------------------------------------------------------------------------------------------------------------------
+def test_squashed_gaussian_log_prob_matches_tanh_transformed_normal():
+    """Against torch.distributions' Normal pushed through TanhTransform, in float64, on moderate pre-tanh values."""
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(64, 4, dtype=torch.float64), torch.rand(64, 4, dtype=torch.float64) * 2 - 1.5
+    u = mean + log_std.exp() * torch.randn(64, 4, dtype=torch.float64)
+    u = u.clamp(-4, 4)  # keep tanh(u) invertible in float64 for the reference's atanh
+    reference = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.transforms.TanhTransform()]
+    ).log_prob(torch.tanh(u)).sum(-1)
+    torch.testing.assert_close(sac.squashed_gaussian_log_prob(u, mean, log_std), reference, rtol=1e-9, atol=1e-9)
+
+
+def test_squashed_gaussian_log_prob_is_finite_and_exact_when_saturated():
+    """Where tanh(u) rounds to +-1, the naive log(1 - tanh(u)^2) is -inf; ours must match the exact value
+    log N(u) + 2 log cosh(u), with log cosh(u) = logaddexp(u, -u) - log 2, computed independently in numpy."""
+    u = torch.tensor([[-30.0, 12.0, 25.0], [9.5, -15.0, 40.0]], dtype=torch.float32)
+    mean = torch.tensor([[-29.0, 11.0, 24.0], [9.0, -14.0, 39.0]], dtype=torch.float32)
+    log_std = torch.zeros_like(u)
+    ours = sac.squashed_gaussian_log_prob(u, mean, log_std)
+    assert torch.isfinite(ours).all()
+    u64, mean64 = u.double().numpy(), mean.double().numpy()
+    log_normal = -0.5 * (u64 - mean64) ** 2 - 0.5 * math.log(2 * math.pi)
+    log_cosh = np.logaddexp(u64, -u64) - math.log(2.0)
+    exact = (log_normal + 2.0 * log_cosh).sum(-1)
+    np.testing.assert_allclose(ours.double().numpy(), exact, rtol=1e-5)
+    naive = torch.distributions.Normal(mean, 1.0).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)
+    assert not torch.isfinite(naive.sum(-1)).all()  # the reason for the stable form
+
+
+def test_actor_sample_log_prob_is_the_density_of_the_sampled_action():
+    """The log-prob returned with a sample is that of the sampled action (a Monte-Carlo entropy check: for a
+    1-D policy with fixed mean/std, E[-log pi] matches numerical integration of the squashed density)."""
+    torch.manual_seed(1)
+    actor = sac.Actor(obs_dim=2, act_dim=1, hidden_dim=8, log_std_min=-20, log_std_max=2)
+    obs = torch.zeros(200_000, 2)
+    with torch.no_grad():
+        actions, log_prob = actor.sample(obs)
+        mean, log_std = actor(obs[:1])
+    assert actions.abs().max() <= 1.0
+    a = torch.linspace(-1 + 1e-6, 1 - 1e-6, 400_001, dtype=torch.float64)
+    u = torch.atanh(a)
+    density = (torch.distributions.Normal(mean.double()[0, 0], log_std.double().exp()[0, 0]).log_prob(u).exp()
+               / (1 - a ** 2))
+    entropy = torch.trapezoid(-density * torch.log(density.clamp_min(1e-300)), a)
+    assert abs(-log_prob.mean().item() - entropy.item()) < 0.01
+
+
+def test_twin_q_network_equals_two_separate_mlps():
+    """The stacked (2, ...) weights compute exactly what two ordinary MLPs with the same weights would."""
+    torch.manual_seed(2)
+    qf = sac.TwinQNetwork(obs_dim=5, act_dim=2, hidden_dim=16)
+    obs, actions = torch.randn(7, 5), torch.randn(7, 2)
+    out = qf(obs, actions)
+    assert out.shape == (2, 7)
+    for i in range(2):
+        x = torch.cat([obs, actions], -1)
+        for layer in range(3):
+            x = x @ qf.weights[layer][i] + qf.biases[layer][i, 0]
+            x = torch.relu(x) if layer < 2 else x
+        torch.testing.assert_close(out[i], x.squeeze(-1))
+
+
+def test_soft_q_target_masks_terminations_but_not_truncations():
+    """y = r + gamma (1 - terminated) (min Q'(s', a') - alpha log pi(a'|s')): a terminated row keeps only r; a
+    truncated-but-not-terminated row (stored with terminated = 0) bootstraps like any other row."""
+    torch.manual_seed(3)
+    actor, qf_target = sac.Actor(3, 2, 16, -20, 2), sac.TwinQNetwork(3, 2, 16)
+    rewards, next_obs = torch.randn(6, 1), torch.randn(6, 3)
+    terminations = torch.tensor([[1.0], [0.0], [1.0], [0.0], [0.0], [1.0]])
+    alpha, gamma = torch.tensor(0.3), 0.97
+    torch.manual_seed(4)
+    target = sac.soft_q_target(actor, qf_target, rewards, terminations, next_obs, alpha, gamma)
+    torch.manual_seed(4)  # same eps for the independent computation
+    with torch.no_grad():
+        next_actions, next_log_prob = actor.sample(next_obs)
+        q = qf_target(next_obs, next_actions)
+        bootstrap = torch.minimum(q[0], q[1]) - alpha * next_log_prob
+    expected = torch.where(terminations[:, 0] == 1, rewards[:, 0], rewards[:, 0] + gamma * bootstrap)
+    torch.testing.assert_close(target, expected)
+    assert torch.equal(target[[0, 2, 5]], rewards[[0, 2, 5], 0])
+
+
+def test_alpha_loss_gradient_pushes_entropy_toward_target():
+    """Eq. 18: when the policy's entropy is below the target, alpha must grow (gradient on log alpha negative)."""
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    low_entropy_log_prob = torch.full((10,), 5.0)  # entropy -5 < target -1
+    sac.alpha_loss_fn(log_alpha, low_entropy_log_prob, target_entropy=-1.0).backward()
+    assert log_alpha.grad < 0
+    log_alpha.grad = None
+    sac.alpha_loss_fn(log_alpha, torch.full((10,), -5.0), target_entropy=-1.0).backward()
+    assert log_alpha.grad > 0
+
+
+def test_env_action_scaling_respects_each_dimension_bounds():
+    low, high = np.array([-2.0, 0.0, 10.0]), np.array([2.0, 1.0, 30.0])
+    np.testing.assert_allclose(sac.to_env_action(np.array([-1.0, -1.0, -1.0]), low, high), low)
+    np.testing.assert_allclose(sac.to_env_action(np.array([1.0, 1.0, 1.0]), low, high), high)
+    np.testing.assert_allclose(sac.to_env_action(np.zeros(3), low, high), [0.0, 0.5, 20.0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop's bookkeeping (in-process, with the replay buffer observed)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded_adds(monkeypatch):
+    """Record every transition the training loop stores in the replay buffer."""
+    records = []
+    original_add = sac.ReplayBuffer.add
+
+    def add(self, obs, action, reward, terminated, next_obs):
+        records.append((np.array(obs), np.array(action), reward, terminated, np.array(next_obs)))
+        original_add(self, obs, action, reward, terminated, next_obs)
+
+    monkeypatch.setattr(sac.ReplayBuffer, "add", add)
+    return records
+
+
+def test_truncation_is_stored_as_non_terminal(in_tmp, recorded_adds):
+    """Pendulum-v1 only ever truncates (200-step limit): no stored transition may be marked terminated."""
+    sac.main(tiny_args(total_timesteps=450))
+    assert len(recorded_adds) == 450
+    assert not any(terminated for _, _, _, terminated, _ in recorded_adds)
+
+
+def test_termination_is_stored_with_the_real_final_observation(in_tmp, recorded_adds):
+    """Hopper-v5 terminates when it falls: those steps are stored terminated, with next_obs the real final
+    observation (not the first observation of the next episode), and the next stored obs is the reset one."""
+    sac.main(tiny_args(env_id="Hopper-v5", total_timesteps=300, learning_starts=300, eval_episodes=1))
+    ends = [i for i, (_, _, _, terminated, _) in enumerate(recorded_adds) if terminated]
+    assert len(ends) >= 3  # random actions make the hopper fall within a few dozen steps
+    for i, record in enumerate(recorded_adds[:-1]):
+        next_obs, following_obs = record[4], recorded_adds[i + 1][0]
+        if i in ends:
+            assert not np.allclose(next_obs, following_obs)  # a reset happened in between
+            # Hopper terminates when unhealthy: height obs[0] <= 0.7 or |torso angle obs[1]| >= 0.2. The stored
+            # next_obs must show that fall; a reset observation (height ~1.25, angle ~0) never would.
+            assert next_obs[0] <= 0.7 or abs(next_obs[1]) >= 0.2, next_obs[:2]
+        else:
+            np.testing.assert_array_equal(next_obs, following_obs)  # within an episode, s_t+1 is the next s_t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, learning, determinism, checkpoints, datasets
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_run_performs_updates_and_logs_finite_metrics(tmp_path):
+    run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "400", "--learning-starts", "150",
+               "--batch-size", "64", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "50",
+               cwd=str(tmp_path))
+    scalars = read_scalars(only_run_dir(str(tmp_path)))
+    for tag in ["losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values", "losses/qf2_values",
+                "losses/actor_loss", "losses/alpha_loss", "charts/alpha", "charts/entropy", "charts/SPS",
+                "charts/episodic_return", "charts/episodic_length", "eval/episodic_return", "eval/normalized_score"]:
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+        assert all_finite(v for _, v in scalars[tag]), tag
+    # Updates began at step 150: losses are logged from the first logging step after it, at every one after.
+    assert [step for step, _ in scalars["losses/actor_loss"]] == [200, 250, 300, 350, 400]
+    alphas = [v for _, v in scalars["charts/alpha"]]
+    assert alphas[0] < 1.0 and alphas == sorted(alphas, reverse=True)  # alpha moved (down, as entropy is high)
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [200, 400]
+
+
+def test_learns_pendulum(tmp_path):
+    """Pendulum-v1: a random policy scores about -1200; SAC must reach a mean eval return of at least -300 within
+    8k steps (the issue allows 15k) for this fixed seed."""
+    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "8000", "--learning-starts", "1000",
+                        "--eval-every", "4000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
+                        cwd=str(tmp_path))
+    final = [line for line in result.stdout.splitlines() if line.startswith("final evaluation:")][0]
+    mean_return = float(final.split(":")[1].split("+-")[0])
+    print(final)
+    assert mean_return >= -300, final
+
+
+def test_same_seed_gives_identical_evaluation_returns_on_cpu(in_tmp):
+    first = sac.main(tiny_args(cuda=False))
+    second = sac.main(tiny_args(cuda=False))
+    np.testing.assert_array_equal(first, second)
+    other_seed = sac.main(tiny_args(cuda=False, seed=4))
+    assert not np.array_equal(first, other_seed)
+
+
+def test_checkpoint_round_trip_and_resume(in_tmp):
+    returns = sac.main(tiny_args(save_model=True))
+    checkpoint = glob.glob("runs/*/sac_continuous.pt")
+    assert len(checkpoint) == 1 and not glob.glob("runs/*/*.tmp*")
+    state = torch.load(checkpoint[0], weights_only=True)
+    assert state["global_step"] == 300 and {"actor", "qf", "qf_target", "log_alpha", "q_optimizer",
+                                             "actor_optimizer", "args"} <= set(state)
+    # Evaluation-only mode reproduces the final evaluation exactly (same seeds, deterministic policy).
+    np.testing.assert_array_equal(sac.main(sac.Args(eval_checkpoint=checkpoint[0], eval_episodes=2, seed=3)), returns)
+    # Resume continues from step 300 with the saved networks and optimizers.
+    resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))
+    assert np.all(np.isfinite(resumed))
+    latest = max(glob.glob("runs/*/sac_continuous.pt"), key=os.path.getmtime)
+    assert torch.load(latest, weights_only=True)["global_step"] == 400
+
+
+def test_dataset_export_round_trip(tmp_path):
+    """--export-replay writes every training transition in the DATASET.md layout; per-episode reward sums equal the
+    episodic returns logged to TensorBoard. --export-rollouts writes the final policy's rollouts."""
+    run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "200",
+               "--batch-size", "32", "--hidden-dim", "32", "--eval-every", "1000", "--eval-episodes", "1",
+               "--export-replay", "data/replay.npz", "--export-rollouts", "data/rollouts.npz",
+               "--export-rollout-steps", "300", cwd=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "data")) == ["replay.npz", "rollouts.npz"]  # no temporary files left
+    obs_dim, act_dim = 11, 3
+    for name, rows in [("replay.npz", 500), ("rollouts.npz", 300)]:
+        data = np.load(tmp_path / "data" / name)
+        expected = {"observations": (np.float32, (rows, obs_dim)), "actions": (np.float32, (rows, act_dim)),
+                    "rewards": (np.float32, (rows,)), "next_observations": (np.float32, (rows, obs_dim)),
+                    "terminals": (np.bool_, (rows,)), "timeouts": (np.bool_, (rows,))}
+        for key, (dtype, shape) in expected.items():
+            assert data[key].dtype == dtype and data[key].shape == shape, (name, key)
+        assert str(data["env_id"]) == "Hopper-v5" and "sac_continuous.py" in str(data["source"])
+        assert float(data["ref_min_score"]) == pytest.approx(-20.272305)
+        assert np.all(data["actions"] >= -1.0) and np.all(data["actions"] <= 1.0)  # Hopper's own bounds
+        ends = data["terminals"] | data["timeouts"]
+        assert ends.sum() >= 2
+        within_episode = ~ends[:-1]
+        np.testing.assert_array_equal(data["next_observations"][:-1][within_episode],
+                                      data["observations"][1:][within_episode])
+
+    data = np.load(tmp_path / "data" / "replay.npz")
+    boundaries = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    episode_sums = [chunk.sum(dtype=np.float64) for chunk in np.split(data["rewards"], boundaries)[:-1]]
+    logged = [value for _, value in read_scalars(only_run_dir(str(tmp_path)))["charts/episodic_return"]]
+    np.testing.assert_allclose(episode_sums, logged, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, never a traceback
+# ----------------------------------------------------------------------------------------------------------------------
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sac_continuous.py: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_script(SCRIPT, "--env-id", "CartPole-v1", cwd=str(tmp_path), check=False),
+                          "Discrete", "Box")
+    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+    assert_one_line_error(run_script(SCRIPT, "--eval-checkpoint", "corrupt.pt", cwd=str(tmp_path), check=False),
+                          "corrupt", "--save-model")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(env_id="NoSuchEnv-v0"), "--env-id"),
+        (dict(env_id="CartPole-v1"), "continuous Box"),
+        (dict(eval_checkpoint="missing.pt"), "does not exist"),
+        (dict(batch_size=0), "--batch-size must be > 0"),
+        (dict(tau=2.0), "--tau"),
+        (dict(gamma=1.5), "--gamma"),
+        (dict(log_std_min=3.0), "--log-std-min"),
+        (dict(learning_starts=-1), "--learning-starts"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(in_tmp, overrides, fragment):
+    with pytest.raises(SystemExit) as error:
+        sac.main(tiny_args(**overrides))
+    message = str(error.value)
+    assert "\n" not in message and fragment in message, message
+
+
+def test_checkpoint_from_another_script_is_rejected(in_tmp):
+    torch.save({"script": "td3_continuous", "version": 1}, "td3.pt")
+    with pytest.raises(SystemExit, match="written by td3_continuous, not sac_continuous.py"):
+        sac.main(sac.Args(eval_checkpoint="td3.pt"))
+    torch.save([1, 2, 3], "list.pt")
+    with pytest.raises(SystemExit, match="another program"):
+        sac.main(sac.Args(eval_checkpoint="list.pt"))
+
+
+def test_capture_video_without_moviepy_names_the_install(in_tmp):
+    try:
+        import moviepy  # noqa: F401
+
+        pytest.skip("moviepy is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="pip install moviepy"):
+        sac.main(tiny_args(capture_video=True))
