@@ -122,7 +122,8 @@ class Args:
     save_model: bool = False
     """write `runs/{run_name}/sac_continuous.pt` (atomically) at every evaluation and at the end"""
     eval_checkpoint: str | None = None
-    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit"""
+    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit (episodes
+    reset with --seed + 10000 + i as in training: the training run's --seed reproduces its final evaluation)"""
     resume: str | None = None
     """continue training from this checkpoint (its env, network sizes and step; the replay buffer starts empty)"""
     export_replay: str | None = None
@@ -181,6 +182,8 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     observation, and there is no autoreset to get wrong). Checks that SAC can act in it."""
     try:
         env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
+    except gym.error.DependencyNotInstalled as error:
+        fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
     except gym.error.Error as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
     if not isinstance(env.action_space, gym.spaces.Box):
@@ -276,14 +279,12 @@ class Actor(nn.Module):
         self.trunk = nn.Sequential(
             nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()
         )
-        self.mean = nn.Linear(hidden_dim, act_dim)
-        self.log_std = nn.Linear(hidden_dim, act_dim)
+        self.head = nn.Linear(hidden_dim, 2 * act_dim)  # mean and log std side by side: one matmul
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.trunk(obs)  # (B, hidden_dim)
-        log_std = self.log_std(hidden).clamp(self.log_std_min, self.log_std_max)
-        return self.mean(hidden), log_std  # (B, act_dim) each
+        mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)  # (B, act_dim) each
+        return mean, log_std.clamp(self.log_std_min, self.log_std_max)
 
     def sample(self, obs: torch.Tensor, with_log_prob: bool = True):
         """a ~ pi(.|s) by reparameterisation, with its log-probability: (B, act_dim), (B,) (None if not asked)."""
@@ -455,8 +456,11 @@ def main(args: Args):
     validate_args(args)
     checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
     if checkpoint is not None:  # the checkpoint decides the env and the network shapes
-        for key in ("env_id", "hidden_dim", "log_std_min", "log_std_max"):
+        for key in ("env_id", "hidden_dim", "log_std_min", "log_std_max", "autotune"):
             setattr(args, key, checkpoint["args"][key])
+        if args.resume and args.total_timesteps <= checkpoint["global_step"]:
+            fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
+                 f"({checkpoint['global_step']}) to resume training")
     if args.capture_video:
         try:
             import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
@@ -472,8 +476,8 @@ def main(args: Args):
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     env = make_env(args.env_id, args.seed)
-    video_dir = f"videos/{run_name}" if args.capture_video else None
-    eval_env = make_env(args.env_id, args.seed + 10_000, video_dir)
+    video_dir = f"videos/{run_name}" if args.capture_video else None  # only the final (or eval-only) evaluation
+    eval_env = make_env(args.env_id, args.seed + 10_000, video_dir if args.eval_checkpoint else None)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
 
@@ -515,9 +519,8 @@ def main(args: Args):
         eval_env.close()
         return returns
 
-    if args.compile:
-        global critic_loss_fn, actor_loss_fn
-        critic_loss_fn, actor_loss_fn = torch.compile(critic_loss_fn), torch.compile(actor_loss_fn)
+    critic_loss = torch.compile(critic_loss_fn) if args.compile else critic_loss_fn
+    actor_loss_of = torch.compile(actor_loss_fn) if args.compile else actor_loss_fn
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -563,7 +566,8 @@ def main(args: Args):
             action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
         else:
             with torch.no_grad():
-                action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], False)
+                action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+                                         with_log_prob=False)
             action = action[0].cpu().numpy()
         env_action = to_env_action(action, low, high)
         next_obs, reward, terminated, truncated, info = env.step(env_action)
@@ -586,7 +590,7 @@ def main(args: Args):
             alpha = log_alpha.detach().exp()
             metrics["alpha"] = alpha
             # theta_i <- theta_i - lambda_Q grad J_Q(theta_i), Eq. 6
-            qf_loss, qf_losses, q_means = critic_loss_fn(qf, qf_target, actor, obs_b, actions_b, rewards_b,
+            qf_loss, qf_losses, q_means = critic_loss(qf, qf_target, actor, obs_b, actions_b, rewards_b,
                                                          terminations_b, next_obs_b, alpha, args.gamma)
             q_optimizer.zero_grad(set_to_none=True)
             qf_loss.backward()
@@ -598,7 +602,7 @@ def main(args: Args):
             if global_step % args.policy_frequency == 0:
                 for _ in range(args.policy_frequency):
                     # phi <- phi - lambda_pi grad J_pi(phi) (Eq. 10), then alpha <- alpha - lambda grad J(alpha) (Eq. 18).
-                    actor_loss, log_prob = actor_loss_fn(actor, qf, obs_b, alpha)
+                    actor_loss, log_prob = actor_loss_of(actor, qf, obs_b, alpha)
                     # Both steps share one backward pass and one Adam call (two parameter groups): J_pi sees alpha
                     # detached and J(alpha) sees log pi detached, so each parameter gets exactly the gradient of its
                     # own loss, and Adam acts per parameter: the same update as two separate optimizers.

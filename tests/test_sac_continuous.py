@@ -215,6 +215,8 @@ def test_checkpoint_round_trip_and_resume(in_tmp):
                                              "actor_optimizer", "args"} <= set(state)
     # Evaluation-only mode reproduces the final evaluation exactly (same seeds, deterministic policy).
     np.testing.assert_array_equal(sac.main(sac.Args(eval_checkpoint=checkpoint[0], eval_episodes=2, seed=3)), returns)
+    with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
+        sac.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
     # Resume continues from step 300 with the saved networks and optimizers.
     resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))
     assert np.all(np.isfinite(resumed))
