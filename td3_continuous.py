@@ -1,0 +1,622 @@
+"""Twin Delayed Deep Deterministic policy gradient (TD3) for continuous control, in one file.
+
+Paper: S. Fujimoto, H. van Hoof, D. Meger, "Addressing Function Approximation Error in Actor-Critic Methods",
+ICML 2018, arXiv:1802.09477.
+
+What this file implements, in the paper's terms (Algorithm 1, TD3):
+  * Clipped double Q-learning (Section 4.2, Eq. 10): two critics, trained towards the minimum of their two targets.
+  * Target policy smoothing (Section 5.3, Eq. 14-15): clipped Gaussian noise on the target action, per dimension.
+  * Delayed policy updates (Section 5.2): the actor and all target networks move once every d = 2 critic updates.
+  * The deterministic policy gradient through Q_theta1 (Eq. 1 / Algorithm 1) and soft target updates (tau).
+  * Gaussian exploration noise per action dimension, absent from evaluation.
+Defaults are the authors' current code (sfujim/TD3: 256-256 ReLU networks, Adam 3e-4, batch 256, 25k uniform-random
+start steps), which departs from the paper's 400-300 networks with lr 1e-3 and batch 100; the paper's settings are
+reachable by flags. What it leaves out: the paper's ablations and its DDPG re-tuning ("Our DDPG").
+Checked against: sfujim/TD3 (the authors' code), Stable-Baselines3 `td3/`, CleanRL `td3_continuous_action.py`.
+Every departure is marked `# Deviation:`.
+
+Every dimension of the action space keeps its own bounds: the actor and the critics work in [-1, 1]^dim(A), and the
+environment's [low, high] is applied per dimension only when stepping. Noise of standard deviation sigma in these
+units is sigma * (high - low) / 2 in the env's units, i.e. sigma * max_action for the symmetric MuJoCo tasks.
+
+Commands:
+    python td3_continuous.py --env-id Pendulum-v1 --total-timesteps 15000 --learning-starts 1000 --eval-every 5000
+    python td3_continuous.py --env-id Hopper-v5 --save-model --export-replay data/hopper_td3_replay.npz
+    python td3_continuous.py --eval-checkpoint runs/<run_name>/td3_continuous.pt --eval-episodes 10
+"""
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+SCRIPT = "td3_continuous"
+CHECKPOINT_VERSION = 1
+
+
+def fail(message: str):
+    """Stop with a one-line error that names the fix (no traceback)."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = SCRIPT
+    """name of this experiment; part of the run name `{env_id}__{exp_name}__{seed}__{unix_time}`"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments (the evaluation env uses seed + 10000 + episode)"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic` (no effect on CPU, where runs are already deterministic)"""
+    cuda: bool = True
+    """train on CUDA when it is available"""
+    compile: bool = False
+    """wrap the loss functions with torch.compile (first updates are slow while it compiles)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "rl-reference"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team); None means your default"""
+    capture_video: bool = False
+    """record the final evaluation episodes to `videos/{run_name}/` (needs `pip install moviepy`)"""
+
+    # Environment
+    env_id: str = "Hopper-v5"
+    """any Gymnasium id with a bounded Box action space"""
+    total_timesteps: int = 1_000_000
+    """environment steps to train for (paper: 1M)"""
+
+    # Algorithm (defaults: the authors' current code, sfujim/TD3; the paper's values in the docstrings)
+    buffer_size: int = 1_000_000
+    """replay buffer capacity, in transitions (paper and code: 1e6)"""
+    gamma: float = 0.99
+    """discount factor (paper and code: 0.99)"""
+    tau: float = 0.005
+    """target smoothing coefficient: theta' <- tau theta + (1 - tau) theta' (paper and code: 0.005)"""
+    batch_size: int = 256
+    """minibatch size per gradient step (code: 256; paper: 100)"""
+    learning_starts: int = 25_000
+    """uniform-random steps before the first gradient step (code: 25e3; paper: 1e4 or 1e3 depending on the task)"""
+    hidden_dim: int = 256
+    """units in each of the 2 hidden ReLU layers of actor and critics (code: 256; paper: 400 then 300)"""
+    policy_lr: float = 3e-4
+    """Adam learning rate of the actor (code: 3e-4; paper: 1e-3)"""
+    q_lr: float = 3e-4
+    """Adam learning rate of the critics (code: 3e-4; paper: 1e-3)"""
+    policy_frequency: int = 2
+    """d: update the actor and the target networks once every d critic updates (paper and code: 2)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise, per dimension, in units of the half action range (paper and code: 0.1)"""
+    policy_noise: float = 0.2
+    """sigma~ of the target policy smoothing noise, in units of the half action range (paper and code: 0.2)"""
+    noise_clip: float = 0.5
+    """c: the target policy smoothing noise is clipped to [-c, c] (paper and code: 0.5)"""
+
+    # Evaluation and logging
+    eval_every: int = 5_000
+    """evaluate the deterministic policy (no noise) every N environment steps (code: 5e3)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (code: 10)"""
+    log_every: int = 2_000
+    """write losses to TensorBoard and print a progress line every N environment steps"""
+
+    # Checkpoints and offline data
+    save_model: bool = False
+    """write `runs/{run_name}/td3_continuous.pt` (atomically) at every evaluation and at the end"""
+    eval_checkpoint: str | None = None
+    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit (episodes
+    reset with --seed + 10000 + i as in training: the training run's --seed reproduces its final evaluation)"""
+    resume: str | None = None
+    """continue training from this checkpoint (its env, network sizes and step; the replay buffer starts empty)"""
+    export_replay: str | None = None
+    """write every transition collected in training to this .npz ("medium-replay" style, DATASET.md layout)"""
+    export_rollouts: str | None = None
+    """after training, write rollouts of the final policy to this .npz ("medium"/"expert" style)"""
+    export_rollout_steps: int = 100_000
+    """environment steps of final-policy rollouts for --export-rollouts (D4RL used 1e6)"""
+    export_rollout_deterministic: bool = False
+    """roll out the policy without exploration noise (by default the noise of --exploration-noise is kept)"""
+
+
+def validate_args(args: Args):
+    """Reject nonsensical settings up front, with a one-line error."""
+    positive = ["total_timesteps", "buffer_size", "batch_size", "hidden_dim", "policy_lr", "q_lr", "policy_frequency",
+                "eval_every", "eval_episodes", "log_every", "export_rollout_steps"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ["learning_starts", "exploration_noise", "policy_noise", "noise_clip"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------------------
+# D4RL's random (0) and expert (100) returns for the normalised score, from ../shared/reference/DATASET.md.
+# They were measured on the v2 environments, so on v5 they are an approximation.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def reference_scores(env_id: str) -> tuple[float, float] | None:
+    """(random, expert) returns for a D4RL locomotion task, e.g. "Hopper-v5" -> hopper's; None for other tasks."""
+    return D4RL_REF_SCORES.get(env_id.split("-v")[0].lower())
+
+
+def normalized_score(episode_return, env_id: str):
+    refs = reference_scores(env_id)
+    return None if refs is None else 100.0 * (episode_return - refs[0]) / (refs[1] - refs[0])
+
+
+def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
+    """One Gymnasium env (not a vector env: with a single env, `next_obs` at an episode end is the real final
+    observation, and there is no autoreset to get wrong). Checks that TD3 can act in it."""
+    try:
+        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
+    except gym.error.DependencyNotInstalled as error:
+        fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
+    except gym.error.Error as error:
+        fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(env.action_space).__name__} action space; TD3 needs a continuous Box action space "
+             "(use a discrete-action method such as DQN, or pick a continuous env such as Pendulum-v1)")
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        fail(f"{env_id} has unbounded actions; wrap it in gymnasium.wrappers.RescaleAction to give finite bounds")
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        fail(f"{env_id} has {env.observation_space} observations; TD3 here needs a flat Box "
+             "(wrap it in gymnasium.wrappers.FlattenObservation)")
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    if video_dir:
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
+    env.action_space.seed(seed)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Replay buffer
+# ----------------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """A ring buffer of preallocated rows on the training device. Each row packs one transition
+    [s_t | a_t | r_t | terminated_t | s_{t+1}], so storing a step is one host-to-device copy and sampling a batch is
+    one gather. Actions are stored in the policy's [-1, 1] units. Truncation is not stored: a truncated step
+    bootstraps like any other, only termination cuts the return."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.obs_dim, self.act_dim = capacity, obs_dim, act_dim
+        self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        self.position, self.size = 0, 0
+
+    def add(self, obs, action, reward, terminated, next_obs):
+        row = np.concatenate([obs, action, [reward, float(terminated)], next_obs]).astype(np.float32)
+        self.rows[self.position] = torch.from_numpy(row).to(self.rows.device, non_blocking=True)
+        self.position = (self.position + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int):
+        """Uniform minibatch, drawn on the device: (obs, actions, rewards, terminations, next_obs)."""
+        index = torch.randint(0, self.size, (batch_size,), device=self.rows.device)
+        batch = self.rows[index]  # (B, 2 * obs_dim + act_dim + 2)
+        return torch.split(batch, [self.obs_dim, self.act_dim, 1, 1, self.obs_dim], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------------
+class TwinQNetwork(nn.Module):
+    """The two critics Q_theta1, Q_theta2 (2 hidden ReLU layers each). Their weights are stacked on a
+    leading axis of size 2 so that one batched matmul evaluates both: the same maths as two nn.Sequential MLPs,
+    with half the kernel launches. Each layer is initialised like nn.Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_q: int = 2):
+        super().__init__()
+        sizes = [obs_dim + act_dim, hidden_dim, hidden_dim, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False,
+                first_only: bool = False) -> torch.Tensor:
+        """Q_i(s, a) for i = 1, 2 as a (2, B) tensor (or Q_1 alone, (1, B), with first_only). With detach_params,
+        gradients reach the actions only (used by the actor loss, which must not train the critics)."""
+        num_q = 1 if first_only else len(self.weights[0])
+        x = torch.cat([obs, actions], dim=-1)  # (B, obs_dim + act_dim)
+        x = x.unsqueeze(0).expand(num_q, -1, -1)  # (num_q, B, obs_dim + act_dim)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            weight, bias = weight[:num_q], bias[:num_q]
+            if detach_params:
+                weight, bias = weight.detach(), bias.detach()
+            x = torch.baddbmm(bias, x, weight)  # (num_q, B, fan_out) = bias + x @ weight
+            if layer < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)  # (num_q, B)
+
+
+class Actor(nn.Module):
+    """The deterministic policy pi_phi(s): 2 hidden ReLU layers and a tanh output in [-1, 1]^dim(A). The env's
+    bounds are applied outside (`to_env_action`), per dimension."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim), nn.Tanh(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)  # (B, act_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Noise, losses and target updates (Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------------
+def explore(actor: Actor, obs: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """Algorithm 1: a ~ pi_phi(s) + eps, eps ~ N(0, sigma), drawn independently for every action dimension, and
+    clipped to the action bounds [-1, 1] (each env dimension's own [low, high])."""
+    action = actor(obs)
+    return (action + noise_std * torch.randn_like(action)).clamp(-1.0, 1.0)
+
+
+def smoothed_target_actions(actor_target: Actor, next_obs: torch.Tensor, policy_noise: float, noise_clip: float):
+    """Eq. 14-15 / Algorithm 1: a~ = pi_phi'(s') + eps, eps ~ clip(N(0, sigma~), -c, c), per dimension, then clipped
+    to each dimension's bounds so the target critic is never queried outside the action space."""
+    target_action = actor_target(next_obs)
+    noise = (policy_noise * torch.randn_like(target_action)).clamp(-noise_clip, noise_clip)
+    return (target_action + noise).clamp(-1.0, 1.0)
+
+
+def critic_loss_fn(qf, qf_target, actor_target, obs, actions, rewards, terminations, next_obs, gamma, policy_noise,
+                   noise_clip):
+    """Algorithm 1: y = r + gamma (1 - terminated) min_i Q_theta'_i(s', a~) (Eq. 10, clipped double Q, with the
+    smoothed target action a~), and the critic loss sum_i N^-1 sum (y - Q_theta_i(s, a))^2. Terminations stop the
+    bootstrap; time-limit truncations do not. Returns the loss, per-critic losses and mean Q values."""
+    with torch.no_grad():
+        next_actions = smoothed_target_actions(actor_target, next_obs, policy_noise, noise_clip)
+        next_q = qf_target(next_obs, next_actions).min(dim=0).values  # (B,) min over the twin target critics
+        target = rewards.squeeze(-1) + gamma * (1.0 - terminations.squeeze(-1)) * next_q  # (B,)
+    q_values = qf(obs, actions)  # (2, B)
+    qf_losses = (q_values - target).pow(2).mean(dim=1)  # (2,) one MSE per critic, as sfujim/TD3 (no 1/2 factor)
+    return qf_losses.sum(), qf_losses.detach(), q_values.mean(dim=1).detach()
+
+
+def actor_loss_fn(actor, qf, obs):
+    """Algorithm 1, delayed policy update: the deterministic policy gradient
+    grad_phi J = N^-1 sum grad_a Q_theta1(s, a)|a=pi_phi(s) grad_phi pi_phi(s), as the loss -Q_theta1(s, pi_phi(s)).
+    Only the first critic is used (as in the paper); its weights are detached, so this loss trains the actor only."""
+    return -qf(obs, actor(obs), detach_params=True, first_only=True).mean()
+
+
+def soft_update(target: nn.Module, online: nn.Module, tau: float):
+    """Algorithm 1: theta' <- tau theta + (1 - tau) theta' (one fused call over all tensors)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map a policy action in [-1, 1] to the env's own bounds, per dimension: low + (a + 1) (high - low) / 2."""
+    return low + 0.5 * (action + 1.0) * (high - low)
+
+
+@torch.no_grad()
+def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy pi(s), without exploration noise. Episode i resets
+    with seed + i, so
+    every evaluation (in training, or later from a checkpoint) starts from the same initial states."""
+    low, high = env.action_space.low, env.action_space.high
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            obs, reward, terminated, truncated, _ = env.step(to_env_action(action[0].cpu().numpy(), low, high))
+            returns[episode] += reward
+            done = terminated or truncated
+    return returns
+
+
+def describe_returns(returns: np.ndarray, env_id: str) -> str:
+    text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+    score = normalized_score(returns.mean(), env_id)
+    return text if score is None else f"{text} (normalized score {score:.1f}, D4RL v2 references)"
+
+
+def atomic_write(path: str, write):
+    """Write through `write(file)` into a temporary file beside `path`, then rename: a crash never leaves a
+    half-written file under `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist; train with --save-model to write runs/<run_name>/{SCRIPT}.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"cannot read checkpoint '{path}' ({type(error).__name__}); it is corrupt or not a torch file: "
+             "re-create it with --save-model")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
+             f"load it with {script + '.py' if script else 'the script that wrote it'}")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        fail(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this script reads version "
+             f"{CHECKPOINT_VERSION}; re-create it with this script's --save-model")
+    return checkpoint
+
+
+class TransitionLog:
+    """Host-side record of transitions in the DATASET.md layout (actions in env units, real final observations)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.arrays = {
+            "observations": np.zeros((capacity, obs_dim), np.float32),
+            "actions": np.zeros((capacity, act_dim), np.float32),
+            "rewards": np.zeros(capacity, np.float32),
+            "next_observations": np.zeros((capacity, obs_dim), np.float32),
+            "terminals": np.zeros(capacity, bool),
+            "timeouts": np.zeros(capacity, bool),
+        }
+        self.size = 0
+
+    def add(self, obs, env_action, reward, next_obs, terminated, truncated):
+        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, truncated)):
+            self.arrays[key][self.size] = value
+        self.size += 1
+
+    def save(self, path: str, env_id: str, source: str):
+        """Write the .npz atomically. An episode still running when collection stopped keeps neither flag at its
+        last row: DATASET.md's marker of an unfinished episode."""
+        data = {key: value[: self.size] for key, value in self.arrays.items()}
+        data.update(env_id=np.array(env_id), source=np.array(source))
+        if reference_scores(env_id) is not None:
+            data.update(ref_min_score=np.array(reference_scores(env_id)[0]),
+                        ref_max_score=np.array(reference_scores(env_id)[1]))
+        atomic_write(path, lambda file: np.savez(file, **data))
+        print(f"wrote {self.size} transitions to {path}")
+
+
+@torch.no_grad()
+def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
+    """Roll out the final policy for --export-rollout-steps steps on a freshly seeded env and save them."""
+    env = make_env(args.env_id, args.seed + 20_000)
+    low, high = env.action_space.low, env.action_space.high
+    log = TransitionLog(args.export_rollout_steps, env.observation_space.shape[0], env.action_space.shape[0])
+    obs, _ = env.reset(seed=args.seed + 20_000)
+    for _ in range(args.export_rollout_steps):
+        obs_tensor = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+        noise = 0.0 if args.export_rollout_deterministic else args.exploration_noise
+        action = explore(actor, obs_tensor, noise)
+        env_action = to_env_action(action[0].cpu().numpy(), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        log.add(obs, env_action, reward, next_obs, terminated, truncated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    policy = "noise-free" if args.export_rollout_deterministic else f"N(0, {args.exploration_noise}) exploration"
+    log.save(args.export_rollouts, args.env_id,
+             f"{SCRIPT}.py rollouts of the final policy with {policy} noise after {step} training steps, seed {args.seed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    validate_args(args)
+    checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
+    if checkpoint is not None:  # the checkpoint decides the env and the network shapes
+        for key in ("env_id", "hidden_dim"):
+            setattr(args, key, checkpoint["args"][key])
+        if args.resume and args.total_timesteps <= checkpoint["global_step"]:
+            fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
+                 f"({checkpoint['global_step']}) to resume training")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (MuJoCo on a headless machine: MUJOCO_GL=egl)")
+
+    # Seeding (python, numpy, torch, the env and its action space; the evaluation env is seeded separately)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    env = make_env(args.env_id, args.seed)
+    video_dir = f"videos/{run_name}" if args.capture_video else None  # only the final (or eval-only) evaluation
+    eval_env = make_env(args.env_id, args.seed + 10_000, video_dir if args.eval_checkpoint else None)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+
+    # Algorithm 1: initialise critics Q_theta1, Q_theta2 and actor pi_phi; targets theta'_i <- theta_i, phi' <- phi.
+    actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf = TwinQNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    qf_target.load_state_dict(qf.state_dict())
+    actor_target.requires_grad_(False)
+    qf_target.requires_grad_(False)
+    fused = device.type in ("cpu", "cuda")  # one fused Adam kernel per optimizer instead of a loop over tensors
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=fused)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=fused)
+
+    start_step = 0
+    if checkpoint is not None:
+        try:
+            for name, module in [("actor", actor), ("actor_target", actor_target), ("qf", qf),
+                                 ("qf_target", qf_target), ("q_optimizer", q_optimizer),
+                                 ("actor_optimizer", actor_optimizer)]:
+                module.load_state_dict(checkpoint[name])
+        except (KeyError, RuntimeError, ValueError) as error:
+            fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
+                 f"({type(error).__name__}); re-create it with --save-model")
+        start_step = checkpoint["global_step"]
+
+    if args.eval_checkpoint:  # evaluation-only mode
+        returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+        print(f"evaluation of {args.eval_checkpoint} (step {start_step}) on {args.env_id}: "
+              f"{describe_returns(returns, args.env_id)}")
+        eval_env.close()
+        return returns
+
+    critic_loss = torch.compile(critic_loss_fn) if args.compile else critic_loss_fn
+    actor_loss_of = torch.compile(actor_loss_fn) if args.compile else actor_loss_fn
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=asdict(args),
+                   name=run_name, save_code=True)
+    checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
+    print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
+          f"device {device}, {args.total_timesteps} steps")
+
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) if args.export_replay else None
+    # After --resume the buffer starts empty: refill it with --learning-starts steps of the loaded policy (with noise).
+    updates_begin = start_step + args.learning_starts
+    metrics, recent_returns, eval_returns = {}, [], None
+
+    def save_model(step):
+        state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step,
+                     actor=actor.state_dict(), actor_target=actor_target.state_dict(), qf=qf.state_dict(),
+                     qf_target=qf_target.state_dict(), q_optimizer=q_optimizer.state_dict(),
+                     actor_optimizer=actor_optimizer.state_dict())
+        atomic_write(checkpoint_path, lambda file: torch.save(state, file))
+
+    def run_evaluation(step, eval_env):
+        returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+        writer.add_scalar("eval/episodic_return", returns.mean(), step)
+        if normalized_score(returns.mean(), args.env_id) is not None:
+            writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), args.env_id), step)
+        print(f"eval at step {step}: {describe_returns(returns, args.env_id)}")
+        if args.save_model:
+            save_model(step)
+        return returns
+
+    start_time = time.time()
+    obs, _ = env.reset(seed=args.seed)
+    for global_step in range(start_step, args.total_timesteps):
+        # Algorithm 1: select action with exploration noise a ~ pi(s) + eps (uniform random for the first steps),
+        # observe reward r and new state s'.
+        if start_step == 0 and global_step < args.learning_starts:
+            action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = explore(actor, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
+                                 args.exploration_noise)
+            action = action[0].cpu().numpy()
+        env_action = to_env_action(action, low, high)
+        next_obs, reward, terminated, truncated, info = env.step(env_action)
+        # Store transition (s, a, r, s') in B; next_obs is the real final observation even at an episode end.
+        rb.add(obs, action, reward, terminated, next_obs)
+        if replay_log is not None:
+            replay_log.add(obs, env_action, reward, next_obs, terminated, truncated)
+        if terminated or truncated:
+            episode_return, episode_length = float(info["episode"]["r"]), int(info["episode"]["l"])
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            recent_returns = (recent_returns + [episode_return])[-10:]
+            obs, _ = env.reset()
+        else:
+            obs = next_obs
+
+        if global_step >= updates_begin:
+            # Algorithm 1: sample a mini-batch of N transitions from B; update the critics.
+            obs_b, actions_b, rewards_b, terminations_b, next_obs_b = rb.sample(args.batch_size)
+            qf_loss, qf_losses, q_means = critic_loss(qf, qf_target, actor_target, obs_b, actions_b, rewards_b,
+                                                      terminations_b, next_obs_b, args.gamma, args.policy_noise,
+                                                      args.noise_clip)
+            q_optimizer.zero_grad(set_to_none=True)
+            qf_loss.backward()
+            q_optimizer.step()
+            metrics.update(qf_losses=qf_losses, q_means=q_means)  # kept as tensors: read only at logging steps
+
+            # Algorithm 1: if t mod d = 0, update phi by the deterministic policy gradient, then the target networks.
+            if (global_step - updates_begin + 1) % args.policy_frequency == 0:
+                actor_loss = actor_loss_of(actor, qf, obs_b)
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
+                soft_update(qf_target, qf, args.tau)
+                soft_update(actor_target, actor, args.tau)
+                metrics["actor_loss"] = actor_loss.detach()
+
+        # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
+        step = global_step + 1
+        if step % args.log_every == 0 or step == args.total_timesteps:
+            sps = (step - start_step) / (time.time() - start_time)
+            if metrics:
+                qf_losses, q_means = metrics["qf_losses"].tolist(), metrics["q_means"].tolist()
+                scalars = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1],
+                           "losses/qf_loss": sum(qf_losses), "losses/qf1_values": q_means[0],
+                           "losses/qf2_values": q_means[1]}
+                if "actor_loss" in metrics:
+                    scalars["losses/actor_loss"] = metrics["actor_loss"].item()
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            eta = (args.total_timesteps - step) / max(sps, 1e-8)
+            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
+                  f"{int(eta % 60):02d}s | recent return {recent}", flush=True)
+        if step % args.eval_every == 0 and step != args.total_timesteps:
+            eval_returns = run_evaluation(step, eval_env)
+
+    # Final evaluation (with video if asked), checkpoint and datasets.
+    if args.capture_video:
+        eval_env.close()
+        eval_env = make_env(args.env_id, args.seed + 10_000, video_dir)
+    eval_returns = run_evaluation(args.total_timesteps, eval_env)
+    print(f"final evaluation: {describe_returns(eval_returns, args.env_id)}")
+    if args.save_model:
+        print(f"saved checkpoint to {checkpoint_path}")
+    source = f"{SCRIPT}.py training transitions, steps {start_step}-{args.total_timesteps}, seed {args.seed}"
+    if replay_log is not None:
+        replay_log.save(args.export_replay, args.env_id, source)
+    if args.export_rollouts:
+        export_rollouts(actor, args, device, args.total_timesteps)
+    env.close()
+    eval_env.close()
+    writer.close()
+    return eval_returns
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

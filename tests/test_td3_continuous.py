@@ -1,0 +1,303 @@
+"""Tests of td3_continuous.py: noise, targets, delayed updates, the loop's bookkeeping, CLI, learning, bad input."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import all_finite, only_run_dir, read_scalars, run_script
+
+import td3_continuous as td3
+
+SCRIPT = "td3_continuous.py"
+
+
+def tiny_args(**overrides) -> td3.Args:
+    settings = dict(env_id="Pendulum-v1", total_timesteps=300, learning_starts=100, batch_size=32, hidden_dim=32,
+                    eval_every=150, eval_episodes=2, log_every=50, seed=3)
+    settings.update(overrides)
+    return td3.Args(**settings)
+
+
+class ConstantActor(torch.nn.Module):
+    """A stand-in policy that always outputs the same action (in [-1, 1] policy units)."""
+
+    def __init__(self, action):
+        super().__init__()
+        self.action = torch.as_tensor(action, dtype=torch.float32)
+
+    def forward(self, obs):
+        return self.action.expand(obs.shape[0], -1)
+
+
+# An action space with asymmetric, unequal bounds per dimension.
+LOW, HIGH = np.array([-1.0, 0.0, 5.0, -30.0]), np.array([1.0, 3.0, 6.0, 10.0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Noise and targets
+# ----------------------------------------------------------------------------------------------------------------------
+def test_target_policy_smoothing_is_clipped_scaled_per_dimension_and_in_bounds():
+    torch.manual_seed(0)
+    half_range = (HIGH - LOW) / 2
+    # In the middle of the range: the noise is clipped to +-c, i.e. +-c * half_range in each dimension's env units.
+    middle = td3.smoothed_target_actions(ConstantActor([0.0] * 4), torch.zeros(100_000, 3), 0.2, 0.5)
+    noise_env_units = td3.to_env_action(middle.numpy(), LOW, HIGH) - td3.to_env_action(np.zeros(4), LOW, HIGH)
+    assert np.all(np.abs(noise_env_units) <= 0.5 * half_range + 1e-5)
+    np.testing.assert_allclose(np.abs(noise_env_units).max(0), 0.5 * half_range, rtol=1e-4)  # the clip is reached
+    # Per-dimension std in env units is sigma * half_range (slightly less, from the clipping at 2.5 sigma).
+    np.testing.assert_allclose(noise_env_units.std(0) / half_range, 0.2 * 0.9875, rtol=0.02)
+    # Near the bounds: the smoothed action never leaves any dimension's own [low, high].
+    edge = td3.smoothed_target_actions(ConstantActor([0.99, -0.99, 1.0, -1.0]), torch.zeros(10_000, 3), 0.2, 0.5)
+    env_actions = td3.to_env_action(edge.numpy(), LOW, HIGH)
+    assert np.all(env_actions >= LOW - 1e-6) and np.all(env_actions <= HIGH + 1e-6)
+    assert np.all(env_actions[:, 2] <= 6.0) and np.any(env_actions[:, 2] == 6.0)  # clipped, not wrapped
+
+
+def test_exploration_noise_is_independent_per_dimension():
+    torch.manual_seed(1)
+    actions = td3.explore(ConstantActor([0.0, 0.0, 0.0]), torch.zeros(200_000, 3), noise_std=0.1).numpy()
+    np.testing.assert_allclose(actions.std(0), 0.1, rtol=0.02)
+    correlation = np.corrcoef(actions.T)[np.triu_indices(3, 1)]
+    assert np.all(np.abs(correlation) < 0.01)  # no noise shared between dimensions
+    # ...and between the rows of a batch (CleanRL's single noise vector broadcast over environments would fail this)
+    assert np.abs(np.corrcoef(actions[:-1, 0], actions[1:, 0])[0, 1]) < 0.01
+    clipped = td3.explore(ConstantActor([0.98, -0.98, 0.0]), torch.zeros(10_000, 3), noise_std=0.1)
+    assert clipped.abs().max() <= 1.0
+
+
+def test_evaluation_uses_no_exploration_noise(in_tmp, monkeypatch):
+    """Evaluation returns equal a noise-free rollout of the same actor, and never call the exploration function."""
+    import gymnasium as gym
+
+    torch.manual_seed(2)
+    actor = td3.Actor(3, 1, 16)
+    monkeypatch.setattr(td3, "explore", lambda *a, **k: pytest.fail("evaluation must not add exploration noise"))
+    returns = td3.evaluate(actor, td3.make_env("Pendulum-v1", 0), episodes=2, seed=7, device=torch.device("cpu"))
+    env = gym.make("Pendulum-v1")
+    for episode in range(2):
+        obs, _ = env.reset(seed=7 + episode)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = actor(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()
+            obs, reward, terminated, truncated, _ = env.step(td3.to_env_action(action, env.action_space.low,
+                                                                               env.action_space.high))
+            total, done = total + reward, terminated or truncated
+        assert returns[episode] == pytest.approx(total, rel=1e-6)
+
+
+def test_bellman_target_masks_terminations_but_not_truncations():
+    torch.manual_seed(3)
+    qf, qf_target, actor_target = td3.TwinQNetwork(3, 2, 16), td3.TwinQNetwork(3, 2, 16), td3.Actor(3, 2, 16)
+    obs, actions, next_obs = torch.randn(6, 3), torch.rand(6, 2) * 2 - 1, torch.randn(6, 3)
+    rewards = torch.randn(6, 1)
+    terminations = torch.tensor([[1.0], [0.0], [1.0], [0.0], [0.0], [1.0]])
+    torch.manual_seed(4)
+    _, qf_losses, _ = td3.critic_loss_fn(qf, qf_target, actor_target, obs, actions, rewards, terminations, next_obs,
+                                         0.9, 0.2, 0.5)
+    torch.manual_seed(4)  # the same smoothing noise for the independent computation
+    with torch.no_grad():
+        next_actions = td3.smoothed_target_actions(actor_target, next_obs, 0.2, 0.5)
+        next_q = qf_target(next_obs, next_actions)
+        target = torch.where(terminations[:, 0] == 1, rewards[:, 0],
+                             rewards[:, 0] + 0.9 * torch.minimum(next_q[0], next_q[1]))
+        expected = ((qf(obs, actions) - target) ** 2).mean(1)
+    torch.testing.assert_close(qf_losses, expected)
+
+
+def test_actor_loss_uses_the_first_critic_only_and_does_not_train_critics():
+    torch.manual_seed(5)
+    actor, qf = td3.Actor(3, 2, 16), td3.TwinQNetwork(3, 2, 16)
+    with torch.no_grad():
+        qf.biases[2][0] += 1.0  # make Q1 > Q2 everywhere, so that Q1 differs from min(Q1, Q2)
+    obs = torch.randn(8, 3)
+    loss = td3.actor_loss_fn(actor, qf, obs)
+    with torch.no_grad():
+        q = qf(obs, actor(obs))
+        assert loss.item() == pytest.approx(-q[0].mean().item(), rel=1e-6)
+        assert loss.item() != pytest.approx(-q.min(0).values.mean().item(), rel=1e-3)
+    loss.backward()
+    assert all(p.grad is None for p in qf.parameters())
+    assert all(p.grad is not None for p in actor.parameters())
+
+
+def test_actor_and_targets_update_every_policy_frequency_critic_updates(in_tmp, monkeypatch):
+    """Count, during a real run, the critic updates, the actor updates and the target updates."""
+    calls = {"critic": 0, "actor": [], "targets": []}
+    real_critic, real_actor, real_soft_update = td3.critic_loss_fn, td3.actor_loss_fn, td3.soft_update
+
+    def critic(*args, **kwargs):
+        calls["critic"] += 1
+        return real_critic(*args, **kwargs)
+
+    def actor(*args, **kwargs):
+        calls["actor"].append(calls["critic"])
+        return real_actor(*args, **kwargs)
+
+    def soft_update(target, online, tau):
+        calls["targets"].append((calls["critic"], type(target).__name__))
+        real_soft_update(target, online, tau)
+
+    monkeypatch.setattr(td3, "critic_loss_fn", critic)
+    monkeypatch.setattr(td3, "actor_loss_fn", actor)
+    monkeypatch.setattr(td3, "soft_update", soft_update)
+    td3.main(tiny_args(total_timesteps=220, learning_starts=100, policy_frequency=3))
+    assert calls["critic"] == 120
+    assert calls["actor"] == list(range(3, 121, 3))  # after critic updates 3, 6, ..., 120
+    expected_targets = [(n, name) for n in range(3, 121, 3) for name in ("TwinQNetwork", "Actor")]
+    assert calls["targets"] == expected_targets
+
+
+def test_env_action_scaling_respects_each_dimension_bounds():
+    np.testing.assert_allclose(td3.to_env_action(-np.ones(4), LOW, HIGH), LOW)
+    np.testing.assert_allclose(td3.to_env_action(np.ones(4), LOW, HIGH), HIGH)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop's bookkeeping
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded_adds(monkeypatch):
+    records = []
+    original_add = td3.ReplayBuffer.add
+
+    def add(self, obs, action, reward, terminated, next_obs):
+        records.append((np.array(obs), np.array(action), reward, terminated, np.array(next_obs)))
+        original_add(self, obs, action, reward, terminated, next_obs)
+
+    monkeypatch.setattr(td3.ReplayBuffer, "add", add)
+    return records
+
+
+def test_truncation_is_stored_as_non_terminal(in_tmp, recorded_adds):
+    td3.main(tiny_args(total_timesteps=450))
+    assert len(recorded_adds) == 450
+    assert not any(terminated for _, _, _, terminated, _ in recorded_adds)
+
+
+def test_termination_is_stored_with_the_real_final_observation(in_tmp, recorded_adds):
+    td3.main(tiny_args(env_id="Hopper-v5", total_timesteps=300, learning_starts=300, eval_episodes=1))
+    ends = [i for i, (_, _, _, terminated, _) in enumerate(recorded_adds) if terminated]
+    assert len(ends) >= 3
+    for i, record in enumerate(recorded_adds[:-1]):
+        next_obs, following_obs = record[4], recorded_adds[i + 1][0]
+        if i in ends:
+            assert next_obs[0] <= 0.7 or abs(next_obs[1]) >= 0.2, next_obs[:2]  # Hopper's unhealthy final state
+        else:
+            np.testing.assert_array_equal(next_obs, following_obs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, learning, determinism, checkpoints, datasets
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_run_performs_updates_and_logs_finite_metrics(tmp_path):
+    run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "400", "--learning-starts", "150",
+               "--batch-size", "64", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "50",
+               cwd=str(tmp_path))
+    scalars = read_scalars(only_run_dir(str(tmp_path)))
+    for tag in ["losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values", "losses/qf2_values",
+                "losses/actor_loss", "charts/SPS", "charts/episodic_return", "charts/episodic_length",
+                "eval/episodic_return", "eval/normalized_score"]:
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+        assert all_finite(v for _, v in scalars[tag]), tag
+    assert [step for step, _ in scalars["losses/qf1_loss"]] == [200, 250, 300, 350, 400]
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [200, 400]
+
+
+def test_learns_pendulum(tmp_path):
+    """Pendulum-v1: a random policy scores about -1200; TD3 must reach a mean eval return of at least -300 within
+    12k steps (the issue allows 20k) for this fixed seed."""
+    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "12000", "--learning-starts", "1000",
+                        "--eval-every", "4000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
+                        cwd=str(tmp_path))
+    final = [line for line in result.stdout.splitlines() if line.startswith("final evaluation:")][0]
+    print(final)
+    assert float(final.split(":")[1].split("+-")[0]) >= -300, final
+
+
+def test_same_seed_gives_identical_evaluation_returns_on_cpu(in_tmp):
+    first = td3.main(tiny_args(cuda=False))
+    second = td3.main(tiny_args(cuda=False))
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, td3.main(tiny_args(cuda=False, seed=4)))
+
+
+def test_checkpoint_round_trip_and_resume(in_tmp):
+    returns = td3.main(tiny_args(save_model=True))
+    checkpoint = glob.glob("runs/*/td3_continuous.pt")
+    assert len(checkpoint) == 1 and not glob.glob("runs/*/*.tmp*")
+    state = torch.load(checkpoint[0], weights_only=True)
+    assert state["global_step"] == 300 and {"actor", "actor_target", "qf", "qf_target", "q_optimizer",
+                                             "actor_optimizer", "args"} <= set(state)
+    np.testing.assert_array_equal(td3.main(td3.Args(eval_checkpoint=checkpoint[0], eval_episodes=2, seed=3)), returns)
+    with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
+        td3.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
+    td3.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))
+    latest = max(glob.glob("runs/*/td3_continuous.pt"), key=os.path.getmtime)
+    assert torch.load(latest, weights_only=True)["global_step"] == 400
+
+
+def test_dataset_export_round_trip(tmp_path):
+    run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "200",
+               "--batch-size", "32", "--hidden-dim", "32", "--eval-every", "1000", "--eval-episodes", "1",
+               "--export-replay", "data/replay.npz", "--export-rollouts", "data/rollouts.npz",
+               "--export-rollout-steps", "300", cwd=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "data")) == ["replay.npz", "rollouts.npz"]
+    for name, rows in [("replay.npz", 500), ("rollouts.npz", 300)]:
+        data = np.load(tmp_path / "data" / name)
+        expected = {"observations": (np.float32, (rows, 11)), "actions": (np.float32, (rows, 3)),
+                    "rewards": (np.float32, (rows,)), "next_observations": (np.float32, (rows, 11)),
+                    "terminals": (np.bool_, (rows,)), "timeouts": (np.bool_, (rows,))}
+        for key, (dtype, shape) in expected.items():
+            assert data[key].dtype == dtype and data[key].shape == shape, (name, key)
+        assert str(data["env_id"]) == "Hopper-v5" and "td3_continuous.py" in str(data["source"])
+        assert np.all(np.abs(data["actions"]) <= 1.0)
+        ends = data["terminals"] | data["timeouts"]
+        within_episode = ~ends[:-1]
+        np.testing.assert_array_equal(data["next_observations"][:-1][within_episode],
+                                      data["observations"][1:][within_episode])
+    data = np.load(tmp_path / "data" / "replay.npz")
+    boundaries = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    episode_sums = [chunk.sum(dtype=np.float64) for chunk in np.split(data["rewards"], boundaries)[:-1]]
+    logged = [value for _, value in read_scalars(only_run_dir(str(tmp_path)))["charts/episodic_return"]]
+    np.testing.assert_allclose(episode_sums, logged, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_errors_are_one_line(tmp_path):
+    for cli_args, fragment in [(("--env-id", "CartPole-v1"), "Box"), (("--policy-noise", "-1"), "--policy-noise")]:
+        result = run_script(SCRIPT, *cli_args, cwd=str(tmp_path), check=False)
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1 and lines[0].startswith("td3_continuous.py: error:") and fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(env_id="NoSuchEnv-v0"), "--env-id"),
+        (dict(eval_checkpoint="missing.pt"), "does not exist"),
+        (dict(batch_size=0), "--batch-size must be > 0"),
+        (dict(tau=0.0), "--tau"),
+        (dict(noise_clip=-0.1), "--noise-clip"),
+        (dict(policy_frequency=0), "--policy-frequency"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(in_tmp, overrides, fragment):
+    with pytest.raises(SystemExit) as error:
+        td3.main(tiny_args(**overrides))
+    assert "\n" not in str(error.value) and fragment in str(error.value), str(error.value)
+
+
+def test_foreign_or_corrupt_checkpoint_is_rejected(in_tmp):
+    torch.save({"script": "sac_continuous", "version": 1}, "sac.pt")
+    with pytest.raises(SystemExit, match="written by sac_continuous, not td3_continuous.py"):
+        td3.main(td3.Args(eval_checkpoint="sac.pt"))
+    with open("corrupt.pt", "wb") as file:
+        file.write(b"\x00garbage")
+    with pytest.raises(SystemExit, match="corrupt"):
+        td3.main(td3.Args(eval_checkpoint="corrupt.pt"))
