@@ -79,7 +79,8 @@ class Args:
     total_timesteps: int = 1_000_000
     """environment steps to train for (paper: 1M)"""
 
-    # Algorithm (defaults: the authors' current code, sfujim/TD3; the paper's values in the docstrings)
+    # Algorithm. Deviation (from the paper's Section 6.1, following the authors' current code sfujim/TD3): 256-256
+    # networks, Adam 3e-4, batch 256 and 25k start steps instead of 400-300, 1e-3, 100 and 1e4; flags restore them.
     buffer_size: int = 1_000_000
     """replay buffer capacity, in transitions (paper and code: 1e6)"""
     gamma: float = 0.99
@@ -274,8 +275,10 @@ class Actor(nn.Module):
 # Noise, losses and target updates (Algorithm 1)
 # ----------------------------------------------------------------------------------------------------------------------
 def explore(actor: Actor, obs: torch.Tensor, noise_std: float) -> torch.Tensor:
-    """Algorithm 1: a ~ pi_phi(s) + eps, eps ~ N(0, sigma), drawn independently for every action dimension, and
-    clipped to the action bounds [-1, 1] (each env dimension's own [low, high])."""
+    """Algorithm 1: a ~ pi_phi(s) + eps, eps ~ N(0, sigma), drawn independently for every action dimension (and
+    every row of a batch), and clipped to the action bounds [-1, 1] (each env dimension's own [low, high]).
+    Deviation from sfujim/TD3, which scales all dimensions by one max_action = high[0]: each dimension's noise is
+    scaled by its own half range (identical on the symmetric MuJoCo tasks)."""
     action = actor(obs)
     return (action + noise_std * torch.randn_like(action)).clamp(-1.0, 1.0)
 
@@ -323,8 +326,7 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 @torch.no_grad()
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy pi(s), without exploration noise. Episode i resets
-    with seed + i, so
-    every evaluation (in training, or later from a checkpoint) starts from the same initial states."""
+    with seed + i, so every evaluation (in training, or later from a checkpoint) starts from the same states."""
     low, high = env.action_space.low, env.action_space.high
     returns = np.zeros(episodes)
     for episode in range(episodes):
