@@ -492,10 +492,10 @@ def main(args: Args):
     target_entropy = -float(act_dim)
     fused = device.type in ("cpu", "cuda")  # one fused Adam kernel per optimizer instead of a loop over tensors
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=fused)
-    actor_optimizer = torch.optim.Adam(  # the policy's and the temperature's Adam, one parameter group each
-        [{"params": actor.parameters(), "lr": args.policy_lr}] + ([{"params": [log_alpha], "lr": args.alpha_lr}] if args.autotune else []),
-        fused=fused,
-    )
+    parameter_groups = [{"params": actor.parameters(), "lr": args.policy_lr}]  # the policy's and the temperature's
+    if args.autotune:
+        parameter_groups.append({"params": [log_alpha], "lr": args.alpha_lr})
+    actor_optimizer = torch.optim.Adam(parameter_groups, fused=fused)
 
     start_step = 0
     if checkpoint is not None:
@@ -523,14 +523,15 @@ def main(args: Args):
     actor_loss_of = torch.compile(actor_loss_fn) if args.compile else actor_loss_fn
 
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs Weights & Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=asdict(args),
-                   name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
     checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
     print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
           f"device {device}, {args.total_timesteps} steps")
@@ -601,7 +602,7 @@ def main(args: Args):
             # steps, N times in a row, so it gets as many gradient steps as in the paper.
             if global_step % args.policy_frequency == 0:
                 for _ in range(args.policy_frequency):
-                    # phi <- phi - lambda_pi grad J_pi(phi) (Eq. 10), then alpha <- alpha - lambda grad J(alpha) (Eq. 18).
+                    # phi <- phi - lambda_pi grad J_pi(phi) (Eq. 10); alpha <- alpha - lambda grad J(alpha) (Eq. 18)
                     actor_loss, log_prob = actor_loss_of(actor, qf, obs_b, alpha)
                     # Both steps share one backward pass and one Adam call (two parameter groups): J_pi sees alpha
                     # detached and J(alpha) sees log pi detached, so each parameter gets exactly the gradient of its
@@ -638,8 +639,9 @@ def main(args: Args):
             writer.add_scalar("charts/SPS", sps, step)
             eta = (args.total_timesteps - step) / max(sps, 1e-8)
             recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
-                  f"{int(eta % 60):02d}s | recent return {recent}", flush=True)
+            eta_text = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {eta_text} | recent return {recent}",
+                  flush=True)
         if step % args.eval_every == 0 and step != args.total_timesteps:
             eval_returns = run_evaluation(step, eval_env)
 

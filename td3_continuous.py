@@ -79,8 +79,8 @@ class Args:
     total_timesteps: int = 1_000_000
     """environment steps to train for (paper: 1M)"""
 
-    # Algorithm. Deviation (from the paper's Section 6.1, following the authors' current code sfujim/TD3): 256-256
-    # networks, Adam 3e-4, batch 256 and 25k start steps instead of 400-300, 1e-3, 100 and 1e4; flags restore them.
+    # Algorithm. Deviation (from the paper's experimental setup, following the authors' current code sfujim/TD3):
+    # 256-256 networks, Adam 3e-4, batch 256 and 25k start steps instead of 400-300, 1e-3, 100 and 1e4 (flags).
     buffer_size: int = 1_000_000
     """replay buffer capacity, in transitions (paper and code: 1e6)"""
     gamma: float = 0.99
@@ -425,8 +425,8 @@ def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
         log.add(obs, env_action, reward, next_obs, terminated, truncated)
         obs = env.reset()[0] if terminated or truncated else next_obs
     policy = "noise-free" if args.export_rollout_deterministic else f"N(0, {args.exploration_noise}) exploration"
-    log.save(args.export_rollouts, args.env_id,
-             f"{SCRIPT}.py rollouts of the final policy with {policy} noise after {step} training steps, seed {args.seed}")
+    log.save(args.export_rollouts, args.env_id, f"{SCRIPT}.py rollouts of the final policy with {policy} noise "
+             f"after {step} training steps, seed {args.seed}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -497,14 +497,15 @@ def main(args: Args):
     actor_loss_of = torch.compile(actor_loss_fn) if args.compile else actor_loss_fn
 
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs Weights & Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=asdict(args),
-                   name=run_name, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
     checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
     print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
           f"device {device}, {args.total_timesteps} steps")
@@ -596,8 +597,9 @@ def main(args: Args):
             writer.add_scalar("charts/SPS", sps, step)
             eta = (args.total_timesteps - step) / max(sps, 1e-8)
             recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
-                  f"{int(eta % 60):02d}s | recent return {recent}", flush=True)
+            eta_text = f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {eta_text} | recent return {recent}",
+                  flush=True)
         if step % args.eval_every == 0 and step != args.total_timesteps:
             eval_returns = run_evaluation(step, eval_env)
 
