@@ -1,13 +1,16 @@
-"""Training throughput of sac_continuous.py (eager and --compile) against Stable-Baselines3's SAC, side by side.
+"""Training throughput of sac_continuous.py / td3_continuous.py (eager and --compile) against Stable-Baselines3's
+SAC / TD3, side by side.
 
-Every run does the same work: Hopper-v5, 256x256 networks, batch 256, Adam 3e-4 everywhere, automatic temperature,
-one gradient step per environment step, target update every step, `--warmup` uniform-random steps, then
+Every run does the same work: Hopper-v5, 256x256 networks, batch 256, Adam 3e-4 everywhere, one gradient step per
+environment step; SAC: automatic temperature, target update every step; TD3: actor and target updates every 2
+critic updates, target noise 0.2 clipped at 0.5, exploration noise N(0, 0.1). `--warmup` uniform-random steps, then
 `--warmup-updates` untimed gradient steps (torch.compile compiles here), then `--timed-steps` timed steps, each one
 environment step plus one gradient step. Implementations run one at a time in fresh processes, in alternating order,
 `--repeats` times; the table shows the median updates/s and its ratio to SB3's.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/sac_speed.py --repeats 3
+    python benchmarks/speed.py --algo sac --repeats 3
+    python benchmarks/speed.py --algo td3 --repeats 3
 """
 
 import argparse
@@ -22,13 +25,20 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SB3_SNIPPET = textwrap.dedent("""
-    import sys, time, gymnasium as gym
-    from stable_baselines3 import SAC
-    warmup, warmup_updates, timed = map(int, sys.argv[1:4])
-    model = SAC("MlpPolicy", gym.make("Hopper-v5"), learning_rate=3e-4, buffer_size=1_000_000,
-                learning_starts=warmup, batch_size=256, tau=0.005, gamma=0.99, train_freq=1, gradient_steps=1,
-                ent_coef="auto", target_update_interval=1, policy_kwargs=dict(net_arch=[256, 256]),
-                device="cpu", seed=1, verbose=0)
+    import sys, time, numpy as np, gymnasium as gym
+    from stable_baselines3 import SAC, TD3
+    from stable_baselines3.common.noise import NormalActionNoise
+    algo, (warmup, warmup_updates, timed) = sys.argv[1], map(int, sys.argv[2:5])
+    env = gym.make("Hopper-v5")
+    common = dict(learning_rate=3e-4, buffer_size=1_000_000, learning_starts=warmup, batch_size=256, tau=0.005,
+                  gamma=0.99, train_freq=1, gradient_steps=1, policy_kwargs=dict(net_arch=[256, 256]),
+                  device="cpu", seed=1, verbose=0)
+    if algo == "sac":
+        model = SAC("MlpPolicy", env, ent_coef="auto", target_update_interval=1, **common)
+    else:
+        noise = NormalActionNoise(np.zeros(env.action_space.shape), 0.1 * np.ones(env.action_space.shape))
+        model = TD3("MlpPolicy", env, policy_delay=2, target_policy_noise=0.2, target_noise_clip=0.5,
+                    action_noise=noise, **common)
     model.learn(warmup + warmup_updates)
     start = time.perf_counter()
     model.learn(timed, reset_num_timesteps=False)
@@ -36,13 +46,13 @@ SB3_SNIPPET = textwrap.dedent("""
 """)
 
 
-def run_ours(warmup: int, warmup_updates: int, timed: int, compile: bool) -> float:
+def run_ours(script: str, warmup: int, warmup_updates: int, timed: int, compile: bool) -> float:
     """Run the real CLI; read the wall time of the TensorBoard SPS events logged at the window's two ends."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory() as workdir:
         begin, end = warmup + warmup_updates, warmup + warmup_updates + timed
-        command = [sys.executable, os.path.join(ROOT, "sac_continuous.py"), "--env-id", "Hopper-v5",
+        command = [sys.executable, os.path.join(ROOT, script), "--env-id", "Hopper-v5",
                    "--total-timesteps", str(end), "--learning-starts", str(warmup), "--log-every", str(warmup_updates),
                    "--eval-every", str(10 * end), "--eval-episodes", "1", "--seed", "1"]
         if compile:
@@ -55,14 +65,15 @@ def run_ours(warmup: int, warmup_updates: int, timed: int, compile: bool) -> flo
         return timed / (wall[end] - wall[begin])
 
 
-def run_sb3(warmup: int, warmup_updates: int, timed: int) -> float:
-    result = subprocess.run([sys.executable, "-c", SB3_SNIPPET, str(warmup), str(warmup_updates), str(timed)],
+def run_sb3(algo: str, warmup: int, warmup_updates: int, timed: int) -> float:
+    result = subprocess.run([sys.executable, "-c", SB3_SNIPPET, algo, str(warmup), str(warmup_updates), str(timed)],
                             check=True, capture_output=True, text=True)
     return float(result.stdout.split("UPDATES_PER_SECOND")[1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", choices=["sac", "td3"], default="sac")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1000, help="uniform-random steps before updates")
     parser.add_argument("--warmup-updates", type=int, default=1000, help="untimed steps with updates")
@@ -70,13 +81,14 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the --compile runs")
     args = parser.parse_args()
 
+    script, sb3_name = f"{args.algo}_continuous.py", f"Stable-Baselines3 {args.algo.upper()}"
+    timing = (args.warmup, args.warmup_updates, args.timed_steps)
     runners = {
-        "Stable-Baselines3 2.x SAC": lambda: run_sb3(args.warmup, args.warmup_updates, args.timed_steps),
-        "sac_continuous.py": lambda: run_ours(args.warmup, args.warmup_updates, args.timed_steps, compile=False),
+        sb3_name: lambda: run_sb3(args.algo, *timing),
+        script: lambda: run_ours(script, *timing, compile=False),
     }
     if not args.no_compile:
-        runners["sac_continuous.py --compile"] = lambda: run_ours(args.warmup, args.warmup_updates, args.timed_steps,
-                                                                  compile=True)
+        runners[f"{script} --compile"] = lambda: run_ours(script, *timing, compile=True)
     results = {name: [] for name in runners}
     for repeat in range(args.repeats):
         order = list(runners) if repeat % 2 == 0 else list(reversed(runners))
@@ -87,7 +99,7 @@ def main():
     import stable_baselines3
     import torch
 
-    baseline = statistics.median(results["Stable-Baselines3 2.x SAC"])
+    baseline = statistics.median(results[sb3_name])
     print(f"\nHopper-v5, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"stable-baselines3 {stable_baselines3.__version__}, {os.cpu_count()} CPUs, median of {args.repeats}")
     print("| implementation | updates/s (median) | runs | vs SB3 |\n|---|---|---|---|")
