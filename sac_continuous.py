@@ -122,10 +122,9 @@ class Args:
     save_model: bool = False
     """write `runs/{run_name}/sac_continuous.pt` (atomically) at every evaluation and at the end"""
     eval_checkpoint: str | None = None
-    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit (episodes
-    reset with --seed + 10000 + i as in training: the training run's --seed reproduces its final evaluation)"""
+    """evaluation-only mode: load this checkpoint, print mean +- std over --eval-episodes (same --seed, same result)"""
     resume: str | None = None
-    """continue training from this checkpoint (its env, network sizes and step; the replay buffer starts empty)"""
+    """continue training from this checkpoint (its env, network sizes, step; the replay buffer starts empty)"""
     export_replay: str | None = None
     """write every transition collected in training to this .npz ("medium-replay" style, DATASET.md layout)"""
     export_rollouts: str | None = None
@@ -146,6 +145,19 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.learning_starts < 0:
         fail(f"--learning-starts must be >= 0, got {args.learning_starts}")
+    if not 0 <= args.seed < 2**32 - 20_000:
+        fail(f"--seed must be in [0, 2**32 - 20000) (the evaluation envs use seed + 10000), got {args.seed}")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume (continue training) or --eval-checkpoint (evaluate only), not both")
+    for flag, path in [("--export-replay", args.export_replay), ("--export-rollouts", args.export_rollouts)]:
+        if path is not None:  # check now, not after hours of training
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                fail(f"{flag} {path}: cannot create its folder ({error.strerror}); choose another path")
+            if os.path.isdir(path) or not os.access(folder, os.W_OK):
+                fail(f"{flag} {path} is a folder or not writable; give a writable file path such as data/run.npz")
     if not 0.0 < args.tau <= 1.0:
         fail(f"--tau must be in (0, 1], got {args.tau}")
     if not 0.0 <= args.gamma <= 1.0:
@@ -189,6 +201,9 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous Box action space "
              "(use a discrete-action method such as DQN, or pick a continuous env such as Pendulum-v1)")
+    if len(env.action_space.shape) != 1 or np.any(env.action_space.high <= env.action_space.low):
+        fail(f"{env_id} has actions {env.action_space}; this script needs a flat Box with low < high in every "
+             "dimension (wrap it in gymnasium.wrappers.FlattenObservation / RescaleAction)")
     if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
         fail(f"{env_id} has unbounded actions; wrap it in gymnasium.wrappers.RescaleAction to give finite bounds")
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -212,7 +227,10 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.obs_dim, self.act_dim = capacity, obs_dim, act_dim
-        self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        try:
+            self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        except (RuntimeError, MemoryError):
+            fail(f"cannot allocate a replay buffer of {capacity} transitions on {device}; lower --buffer-size")
         self.position, self.size = 0, 0
 
     def add(self, obs, action, reward, terminated, next_obs):
@@ -289,7 +307,7 @@ class Actor(nn.Module):
     def sample(self, obs: torch.Tensor, with_log_prob: bool = True):
         """a ~ pi(.|s) by reparameterisation, with its log-probability: (B, act_dim), (B,) (None if not asked)."""
         mean, log_std = self(obs)
-        # Eq. 8: a = f_phi(eps; s) = tanh(mu + sigma * eps), eps ~ N(0, I)
+        # Eq. 8: a = f_phi(eps; s), here tanh(mu + sigma * eps) with eps ~ N(0, I) (the squashing of Appendix C)
         u = mean + torch.exp(log_std) * torch.randn_like(mean)
         return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std) if with_log_prob else None
 
@@ -379,6 +397,7 @@ def atomic_write(path: str, write):
 
 
 def load_checkpoint(path: str) -> dict:
+    """Load with weights_only=True and check it is one of ours; every failure is a one-line error."""
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; train with --save-model to write runs/<run_name>/{SCRIPT}.pt")
     try:
@@ -390,9 +409,13 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
              f"load it with {script + '.py' if script else 'the script that wrote it'}")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
+    if checkpoint.get("version") != CHECKPOINT_VERSION or not isinstance(checkpoint.get("args"), dict):
         fail(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this script reads version "
              f"{CHECKPOINT_VERSION}; re-create it with this script's --save-model")
+    missing = [key for key in ("env_id", "hidden_dim", "log_std_min", "log_std_max", "autotune")
+               if key not in checkpoint["args"]]
+    if missing:
+        fail(f"checkpoint '{path}' lacks the settings {missing}; re-create it with this script's --save-model")
     return checkpoint
 
 
@@ -411,7 +434,8 @@ class TransitionLog:
         self.size = 0
 
     def add(self, obs, env_action, reward, next_obs, terminated, truncated):
-        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, truncated)):
+        timeout = truncated and not terminated  # a step that is both is terminal: DATASET.md's timeouts are not
+        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, timeout)):
             self.arrays[key][self.size] = value
         self.size += 1
 
@@ -457,6 +481,8 @@ def main(args: Args):
     checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
     if checkpoint is not None:  # the checkpoint decides the env and the network shapes
         for key in ("env_id", "hidden_dim", "log_std_min", "log_std_max", "autotune"):
+            if getattr(args, key) != checkpoint["args"][key]:
+                print(f"note: --{key.replace('_', '-')} {checkpoint['args'][key]} from the checkpoint")
             setattr(args, key, checkpoint["args"][key])
         if args.resume and args.total_timesteps <= checkpoint["global_step"]:
             fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
@@ -486,7 +512,7 @@ def main(args: Args):
     qf_target = TwinQNetwork(obs_dim, act_dim, args.hidden_dim).to(device)
     qf_target.load_state_dict(qf.state_dict())  # Algorithm 1: theta_bar_i <- theta_i
     qf_target.requires_grad_(False)
-    # Temperature: alpha = exp(log alpha); target entropy H_bar = -dim(A) (Section 5 / Section 6).
+    # Temperature: alpha = exp(log alpha); target entropy H_bar = -dim(A) (the paper's hyperparameter table).
     log_alpha = torch.tensor(math.log(args.initial_alpha if args.autotune else args.alpha), device=device,
                              requires_grad=args.autotune)
     target_entropy = -float(act_dim)
@@ -505,12 +531,16 @@ def main(args: Args):
             qf_target.load_state_dict(checkpoint["qf_target"])
             q_optimizer.load_state_dict(checkpoint["q_optimizer"])
             actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
-        except (KeyError, RuntimeError, ValueError) as error:
+            with torch.no_grad():
+                log_alpha.copy_(checkpoint["log_alpha"])
+            start_step = int(checkpoint["global_step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
             fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
-                 f"({type(error).__name__}); re-create it with --save-model")
-        with torch.no_grad():
-            log_alpha.copy_(checkpoint["log_alpha"])
-        start_step = checkpoint["global_step"]
+                 f"({type(error).__name__}: {error}); re-create it with --save-model".replace("\n", " "))
+        # The optimizer states carry the old learning rates: the command line's rates apply from here on.
+        for group, lr in zip(q_optimizer.param_groups + actor_optimizer.param_groups,
+                             [args.q_lr, args.policy_lr, args.alpha_lr]):
+            group["lr"] = lr
 
     if args.eval_checkpoint:  # evaluation-only mode
         returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
@@ -607,16 +637,20 @@ def main(args: Args):
                     # Both steps share one backward pass and one Adam call (two parameter groups): J_pi sees alpha
                     # detached and J(alpha) sees log pi detached, so each parameter gets exactly the gradient of its
                     # own loss, and Adam acts per parameter: the same update as two separate optimizers.
+                    # Deviation: J(alpha) uses the log pi sampled for this policy step (as SB3 does); Algorithm 1 and
+                    # softlearning draw a fresh sample from the updated policy, one more forward pass per step.
                     alpha_loss = alpha_loss_fn(log_alpha, log_prob, target_entropy) if args.autotune else 0.0
                     actor_optimizer.zero_grad(set_to_none=True)
                     (actor_loss + alpha_loss).backward()
                     actor_optimizer.step()
                     alpha = log_alpha.detach().exp()
-                    metrics.update(actor_loss=actor_loss, log_prob=log_prob, alpha=alpha, alpha_loss=alpha_loss)
+                    metrics.update(actor_loss=actor_loss.detach(), log_prob=log_prob, alpha=alpha)
+                    if args.autotune:
+                        metrics["alpha_loss"] = alpha_loss.detach()
 
             # theta_bar_i <- tau theta_i + (1 - tau) theta_bar_i (Algorithm 1, last line)
             if global_step % args.target_network_frequency == 0:
-                with torch.no_grad():  # one fused call over all six tensors (= target.lerp_(online, tau) each)
+                with torch.no_grad():  # one call over all tensors; same as target.lerp_(online, tau) for each
                     torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
 
         # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.

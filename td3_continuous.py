@@ -5,7 +5,7 @@ ICML 2018, arXiv:1802.09477.
 
 What this file implements, in the paper's terms (Algorithm 1, TD3):
   * Clipped double Q-learning (Section 4.2, Eq. 10): two critics, trained towards the minimum of their two targets.
-  * Target policy smoothing (Section 5.3, Eq. 14-15): clipped Gaussian noise on the target action, per dimension.
+  * Target policy smoothing (Section 5.3, Eq. 14): clipped Gaussian noise on the target action, per dimension.
   * Delayed policy updates (Section 5.2): the actor and all target networks move once every d = 2 critic updates.
   * The deterministic policy gradient through Q_theta1 (Eq. 1 / Algorithm 1) and soft target updates (tau).
   * Gaussian exploration noise per action dimension, absent from evaluation.
@@ -118,10 +118,9 @@ class Args:
     save_model: bool = False
     """write `runs/{run_name}/td3_continuous.pt` (atomically) at every evaluation and at the end"""
     eval_checkpoint: str | None = None
-    """evaluation-only mode: load this checkpoint, run --eval-episodes episodes, print mean +- std, and exit (episodes
-    reset with --seed + 10000 + i as in training: the training run's --seed reproduces its final evaluation)"""
+    """evaluation-only mode: load this checkpoint, print mean +- std over --eval-episodes (same --seed, same result)"""
     resume: str | None = None
-    """continue training from this checkpoint (its env, network sizes and step; the replay buffer starts empty)"""
+    """continue training from this checkpoint (its env, network sizes, step; the replay buffer starts empty)"""
     export_replay: str | None = None
     """write every transition collected in training to this .npz ("medium-replay" style, DATASET.md layout)"""
     export_rollouts: str | None = None
@@ -142,6 +141,19 @@ def validate_args(args: Args):
     for name in ["learning_starts", "exploration_noise", "policy_noise", "noise_clip"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32 - 20_000:
+        fail(f"--seed must be in [0, 2**32 - 20000) (the evaluation envs use seed + 10000), got {args.seed}")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume (continue training) or --eval-checkpoint (evaluate only), not both")
+    for flag, path in [("--export-replay", args.export_replay), ("--export-rollouts", args.export_rollouts)]:
+        if path is not None:  # check now, not after hours of training
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as error:
+                fail(f"{flag} {path}: cannot create its folder ({error.strerror}); choose another path")
+            if os.path.isdir(path) or not os.access(folder, os.W_OK):
+                fail(f"{flag} {path} is a folder or not writable; give a writable file path such as data/run.npz")
     if not 0.0 < args.tau <= 1.0:
         fail(f"--tau must be in (0, 1], got {args.tau}")
     if not 0.0 <= args.gamma <= 1.0:
@@ -183,6 +195,9 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; TD3 needs a continuous Box action space "
              "(use a discrete-action method such as DQN, or pick a continuous env such as Pendulum-v1)")
+    if len(env.action_space.shape) != 1 or np.any(env.action_space.high <= env.action_space.low):
+        fail(f"{env_id} has actions {env.action_space}; this script needs a flat Box with low < high in every "
+             "dimension (wrap it in gymnasium.wrappers.FlattenObservation / RescaleAction)")
     if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
         fail(f"{env_id} has unbounded actions; wrap it in gymnasium.wrappers.RescaleAction to give finite bounds")
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -206,7 +221,10 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.obs_dim, self.act_dim = capacity, obs_dim, act_dim
-        self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        try:
+            self.rows = torch.zeros((capacity, 2 * obs_dim + act_dim + 2), dtype=torch.float32, device=device)
+        except (RuntimeError, MemoryError):
+            fail(f"cannot allocate a replay buffer of {capacity} transitions on {device}; lower --buffer-size")
         self.position, self.size = 0, 0
 
     def add(self, obs, action, reward, terminated, next_obs):
@@ -284,7 +302,7 @@ def explore(actor: Actor, obs: torch.Tensor, noise_std: float) -> torch.Tensor:
 
 
 def smoothed_target_actions(actor_target: Actor, next_obs: torch.Tensor, policy_noise: float, noise_clip: float):
-    """Eq. 14-15 / Algorithm 1: a~ = pi_phi'(s') + eps, eps ~ clip(N(0, sigma~), -c, c), per dimension, then clipped
+    """Eq. 14 / Algorithm 1: a~ = pi_phi'(s') + eps, eps ~ clip(N(0, sigma~), -c, c), per dimension, then clipped
     to each dimension's bounds so the target critic is never queried outside the action space."""
     target_action = actor_target(next_obs)
     noise = (policy_noise * torch.randn_like(target_action)).clamp(-noise_clip, noise_clip)
@@ -313,7 +331,7 @@ def actor_loss_fn(actor, qf, obs):
 
 
 def soft_update(target: nn.Module, online: nn.Module, tau: float):
-    """Algorithm 1: theta' <- tau theta + (1 - tau) theta' (one fused call over all tensors)."""
+    """Algorithm 1: theta' <- tau theta + (1 - tau) theta' (one call over all tensors; same as lerp_ on each)."""
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
@@ -361,6 +379,7 @@ def atomic_write(path: str, write):
 
 
 def load_checkpoint(path: str) -> dict:
+    """Load with weights_only=True and check it is one of ours; every failure is a one-line error."""
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; train with --save-model to write runs/<run_name>/{SCRIPT}.pt")
     try:
@@ -372,9 +391,12 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
              f"load it with {script + '.py' if script else 'the script that wrote it'}")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
+    if checkpoint.get("version") != CHECKPOINT_VERSION or not isinstance(checkpoint.get("args"), dict):
         fail(f"checkpoint '{path}' has format version {checkpoint.get('version')}, this script reads version "
              f"{CHECKPOINT_VERSION}; re-create it with this script's --save-model")
+    missing = [key for key in ("env_id", "hidden_dim") if key not in checkpoint["args"]]
+    if missing:
+        fail(f"checkpoint '{path}' lacks the settings {missing}; re-create it with this script's --save-model")
     return checkpoint
 
 
@@ -393,7 +415,8 @@ class TransitionLog:
         self.size = 0
 
     def add(self, obs, env_action, reward, next_obs, terminated, truncated):
-        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, truncated)):
+        timeout = truncated and not terminated  # a step that is both is terminal: DATASET.md's timeouts are not
+        for key, value in zip(self.arrays, (obs, env_action, reward, next_obs, terminated, timeout)):
             self.arrays[key][self.size] = value
         self.size += 1
 
@@ -424,7 +447,7 @@ def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
         next_obs, reward, terminated, truncated, _ = env.step(env_action)
         log.add(obs, env_action, reward, next_obs, terminated, truncated)
         obs = env.reset()[0] if terminated or truncated else next_obs
-    policy = "noise-free" if args.export_rollout_deterministic else f"N(0, {args.exploration_noise}) exploration"
+    policy = "no" if args.export_rollout_deterministic else f"N(0, {args.exploration_noise}) exploration"
     log.save(args.export_rollouts, args.env_id, f"{SCRIPT}.py rollouts of the final policy with {policy} noise "
              f"after {step} training steps, seed {args.seed}")
 
@@ -437,6 +460,8 @@ def main(args: Args):
     checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
     if checkpoint is not None:  # the checkpoint decides the env and the network shapes
         for key in ("env_id", "hidden_dim"):
+            if getattr(args, key) != checkpoint["args"][key]:
+                print(f"note: --{key.replace('_', '-')} {checkpoint['args'][key]} from the checkpoint")
             setattr(args, key, checkpoint["args"][key])
         if args.resume and args.total_timesteps <= checkpoint["global_step"]:
             fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
@@ -481,10 +506,12 @@ def main(args: Args):
                                  ("qf_target", qf_target), ("q_optimizer", q_optimizer),
                                  ("actor_optimizer", actor_optimizer)]:
                 module.load_state_dict(checkpoint[name])
-        except (KeyError, RuntimeError, ValueError) as error:
+            start_step = int(checkpoint["global_step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
             fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
-                 f"({type(error).__name__}); re-create it with --save-model")
-        start_step = checkpoint["global_step"]
+                 f"({type(error).__name__}: {error}); re-create it with --save-model".replace("\n", " "))
+        # The optimizer states carry the old learning rates: the command line's rates apply from here on.
+        q_optimizer.param_groups[0]["lr"], actor_optimizer.param_groups[0]["lr"] = args.q_lr, args.policy_lr
 
     if args.eval_checkpoint:  # evaluation-only mode
         returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
@@ -514,7 +541,7 @@ def main(args: Args):
     replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) if args.export_replay else None
     # After --resume the buffer starts empty: refill it with --learning-starts steps of the loaded policy (with noise).
     updates_begin = start_step + args.learning_starts
-    metrics, recent_returns, eval_returns = {}, [], None
+    metrics, recent_returns, eval_returns, critic_updates = {}, [], None, 0
 
     def save_model(step):
         state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step,
@@ -569,10 +596,11 @@ def main(args: Args):
             q_optimizer.zero_grad(set_to_none=True)
             qf_loss.backward()
             q_optimizer.step()
+            critic_updates += 1
             metrics.update(qf_losses=qf_losses, q_means=q_means)  # kept as tensors: read only at logging steps
 
             # Algorithm 1: if t mod d = 0, update phi by the deterministic policy gradient, then the target networks.
-            if (global_step - updates_begin + 1) % args.policy_frequency == 0:
+            if critic_updates % args.policy_frequency == 0:
                 actor_loss = actor_loss_of(actor, qf, obs_b)
                 actor_optimizer.zero_grad(set_to_none=True)
                 actor_loss.backward()

@@ -218,10 +218,11 @@ def test_checkpoint_round_trip_and_resume(in_tmp):
     with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
         sac.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
     # Resume continues from step 300 with the saved networks and optimizers.
-    resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))
+    resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True, q_lr=1e-3))
     assert np.all(np.isfinite(resumed))
-    latest = max(glob.glob("runs/*/sac_continuous.pt"), key=os.path.getmtime)
-    assert torch.load(latest, weights_only=True)["global_step"] == 400
+    latest = torch.load(max(glob.glob("runs/*/sac_continuous.pt"), key=os.path.getmtime), weights_only=True)
+    assert latest["global_step"] == 400
+    assert latest["q_optimizer"]["param_groups"][0]["lr"] == 1e-3  # the command line's rate, not the saved one
 
 
 def test_dataset_export_round_trip(tmp_path):
@@ -283,6 +284,9 @@ def test_cli_errors_are_one_line(tmp_path):
         (dict(env_id="CartPole-v1"), "continuous Box"),
         (dict(eval_checkpoint="missing.pt"), "does not exist"),
         (dict(batch_size=0), "--batch-size must be > 0"),
+        (dict(seed=-1), "--seed"),
+        (dict(resume="a.pt", eval_checkpoint="b.pt"), "not both"),
+        (dict(export_replay="."), "--export-replay"),
         (dict(tau=2.0), "--tau"),
         (dict(gamma=1.5), "--gamma"),
         (dict(log_std_min=3.0), "--log-std-min"),
@@ -314,3 +318,12 @@ def test_capture_video_without_moviepy_names_the_install(in_tmp):
         pass
     with pytest.raises(SystemExit, match="pip install moviepy"):
         sac.main(tiny_args(capture_video=True))
+
+
+def test_a_step_both_terminated_and_truncated_is_stored_as_terminal_only():
+    """DATASET.md: timeouts mark non-terminal ends; a terminal step at the time limit is a termination."""
+    log = sac.TransitionLog(3, obs_dim=2, act_dim=1)
+    for terminated, truncated in [(False, False), (True, True), (False, True)]:
+        log.add(np.zeros(2), np.zeros(1), 1.0, np.ones(2), terminated, truncated)
+    assert log.arrays["terminals"].tolist() == [False, True, False]
+    assert log.arrays["timeouts"].tolist() == [False, False, True]

@@ -234,9 +234,10 @@ def test_checkpoint_round_trip_and_resume(in_tmp):
     np.testing.assert_array_equal(td3.main(td3.Args(eval_checkpoint=checkpoint[0], eval_episodes=2, seed=3)), returns)
     with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
         td3.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
-    td3.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))
-    latest = max(glob.glob("runs/*/td3_continuous.pt"), key=os.path.getmtime)
-    assert torch.load(latest, weights_only=True)["global_step"] == 400
+    td3.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True, q_lr=1e-3))
+    latest = torch.load(max(glob.glob("runs/*/td3_continuous.pt"), key=os.path.getmtime), weights_only=True)
+    assert latest["global_step"] == 400
+    assert latest["q_optimizer"]["param_groups"][0]["lr"] == 1e-3  # the command line's rate, not the saved one
 
 
 def test_dataset_export_round_trip(tmp_path):
@@ -282,6 +283,9 @@ def test_cli_errors_are_one_line(tmp_path):
         (dict(env_id="NoSuchEnv-v0"), "--env-id"),
         (dict(eval_checkpoint="missing.pt"), "does not exist"),
         (dict(batch_size=0), "--batch-size must be > 0"),
+        (dict(seed=-1), "--seed"),
+        (dict(resume="a.pt", eval_checkpoint="b.pt"), "not both"),
+        (dict(export_replay="."), "--export-replay"),
         (dict(tau=0.0), "--tau"),
         (dict(noise_clip=-0.1), "--noise-clip"),
         (dict(policy_frequency=0), "--policy-frequency"),
@@ -301,3 +305,12 @@ def test_foreign_or_corrupt_checkpoint_is_rejected(in_tmp):
         file.write(b"\x00garbage")
     with pytest.raises(SystemExit, match="corrupt"):
         td3.main(td3.Args(eval_checkpoint="corrupt.pt"))
+
+
+def test_a_step_both_terminated_and_truncated_is_stored_as_terminal_only():
+    """DATASET.md: timeouts mark non-terminal ends; a terminal step at the time limit is a termination."""
+    log = td3.TransitionLog(3, obs_dim=2, act_dim=1)
+    for terminated, truncated in [(False, False), (True, True), (False, True)]:
+        log.add(np.zeros(2), np.zeros(1), 1.0, np.ones(2), terminated, truncated)
+    assert log.arrays["terminals"].tolist() == [False, True, False]
+    assert log.arrays["timeouts"].tolist() == [False, False, True]
