@@ -2,7 +2,7 @@
 # Learning evidence for td3_continuous.py: Hopper-v5 and HalfCheetah-v5, 300k steps, defaults of the authors' code (sfujim/TD3), evaluation of
 # the deterministic policy (10 episodes) every 10k steps. The two runs go in parallel, one torch thread each
 # (OMP_NUM_THREADS=1), which on a 2-core machine finishes sooner than two 2-thread runs one after the other.
-# Usage: bash benchmarks/sac_learning.sh [SEED] [STEPS]     (logs: benchmarks/logs/td3_<env>_seed<SEED>.log)
+# Usage: bash benchmarks/td3_learning.sh [SEED] [STEPS]     (logs: benchmarks/logs/td3_<env>_seed<SEED>.log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seed=${1:-1}
