@@ -192,6 +192,10 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
         fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
     except gym.error.Error as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
+    except Exception as error:  # e.g. MUJOCO_GL naming a rendering backend that is not installed
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        fail(f"cannot make environment '{env_id}' ({reason}); if MUJOCO_GL is set, check that its backend (egl or "
+             "osmesa) is installed")
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{env_id} has a {type(env.action_space).__name__} action space; TD3 needs a continuous Box action space "
              "(use a discrete-action method such as DQN, or pick a continuous env such as Pendulum-v1)")
@@ -205,6 +209,12 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
              "(wrap it in gymnasium.wrappers.FlattenObservation)")
     env = gym.wrappers.RecordEpisodeStatistics(env)
     if video_dir:
+        try:  # one frame now, so a broken rendering set-up fails before training, not after it
+            env.reset(seed=seed)
+            env.render()
+        except Exception as error:
+            fail(f"cannot render {env_id} for --capture-video ({type(error).__name__}); on a headless machine "
+                 "set MUJOCO_GL=egl (or osmesa, with its libraries installed)")
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: True, disable_logger=True)
     env.action_space.seed(seed)
     return env
@@ -483,6 +493,8 @@ def main(args: Args):
     env = make_env(args.env_id, args.seed)
     video_dir = f"videos/{run_name}" if args.capture_video else None  # only the final (or eval-only) evaluation
     eval_env = make_env(args.env_id, args.seed + 10_000, video_dir if args.eval_checkpoint else None)
+    if args.capture_video and not args.eval_checkpoint:
+        make_env(args.env_id, args.seed + 10_000, video_dir).close()  # check now that rendering works
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
 

@@ -10,10 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts are single files at the top level: import them as modules
 
 
-def run_script(script: str, *cli_args: str, cwd: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of our scripts through its real command line, in `cwd`."""
+def run_script(script: str, *cli_args: str, cwd: str, check: bool = True, env: dict | None = None):
+    """Run one of our scripts through its real command line, in `cwd` (with extra environment variables `env`)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *cli_args], cwd=cwd,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(cli_args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
