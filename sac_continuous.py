@@ -6,7 +6,7 @@ S. Levine, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (20
 What this file implements, in the paper's terms:
   * Algorithm 1 (Soft Actor-Critic): alternate one environment step with one gradient step.
   * Twin soft Q-functions trained on the soft Bellman residual J_Q (Eq. 5), with Polyak-averaged target copies and
-    the minimum of the two in the target and in the policy objective (Section 6, "two Q-functions").
+    the minimum of the two in the target and in the policy objective (the paper's remedy for overestimation).
   * A tanh-squashed Gaussian policy trained with the reparameterised objective J_pi (Eqs. 7-10); the change of
     variables for the squashing (Appendix C) in its numerically stable form.
   * Automatic temperature adjustment: minimise J(alpha) (Eq. 18) with target entropy -dim(A), through log alpha.
@@ -594,8 +594,9 @@ def main(args: Args):
     def run_evaluation(step, eval_env):
         returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
         writer.add_scalar("eval/episodic_return", returns.mean(), step)
-        if normalized_score(returns.mean(), args.env_id) is not None:
-            writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), args.env_id), step)
+        score = normalized_score(returns.mean(), args.env_id)
+        if score is not None:
+            writer.add_scalar("eval/normalized_score", score, step)
         print(f"eval at step {step}: {describe_returns(returns, args.env_id)}")
         if args.save_model:
             save_model(step)
@@ -634,7 +635,7 @@ def main(args: Args):
             metrics["alpha"] = alpha
             # theta_i <- theta_i - lambda_Q grad J_Q(theta_i), Eq. 6
             qf_loss, qf_losses, q_means = critic_loss(qf, qf_target, actor, obs_b, actions_b, rewards_b,
-                                                         terminations_b, next_obs_b, alpha, args.gamma)
+                                                      terminations_b, next_obs_b, alpha, args.gamma)
             q_optimizer.zero_grad(set_to_none=True)
             qf_loss.backward()
             q_optimizer.step()

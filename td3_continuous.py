@@ -565,8 +565,9 @@ def main(args: Args):
     def run_evaluation(step, eval_env):
         returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
         writer.add_scalar("eval/episodic_return", returns.mean(), step)
-        if normalized_score(returns.mean(), args.env_id) is not None:
-            writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), args.env_id), step)
+        score = normalized_score(returns.mean(), args.env_id)
+        if score is not None:
+            writer.add_scalar("eval/normalized_score", score, step)
         print(f"eval at step {step}: {describe_returns(returns, args.env_id)}")
         if args.save_model:
             save_model(step)
