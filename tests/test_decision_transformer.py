@@ -1,0 +1,411 @@
+"""Tests of decision_transformer.py: returns-to-go, causality and padding, the three dataset readers, batch sampling,
+evaluation bookkeeping, the real CLI, learning on a Pendulum dataset, checkpoints, determinism and bad input."""
+
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import decision_transformer as dt
+from conftest import all_finite, only_run_dir, read_scalars, run_script
+
+SCRIPT = "decision_transformer.py"
+TINY = ["--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16", "--warmup-steps", "10",
+        "--eval-episodes", "2", "--log-every", "20"]
+
+
+def pendulum_controller(obs: np.ndarray) -> float:
+    """A decent hand-written swing-up controller (mean return about -145): pump energy, then PD near upright."""
+    cos, sin, velocity = obs
+    if cos > 0.85:
+        return float(np.clip(-(10.0 * np.arctan2(sin, cos) + 2.0 * velocity), -2.0, 2.0))
+    energy = velocity**2 / 6 + 5 * cos  # kinetic (I = 1/3) plus potential energy; 5 is upright at rest
+    return float(np.clip(velocity * (5.0 - energy), -2.0, 2.0))
+
+
+def inverted_pendulum_controller(obs: np.ndarray) -> float:
+    """A linear state-feedback controller that balances InvertedPendulum-v5 for all 1000 steps without noise."""
+    return float(np.array([0.5, 5.0, 0.5, 0.5]) @ obs)
+
+
+def write_dataset(path, env_id: str, controller, noise_levels, episodes: int, seed: int = 0) -> dict:
+    """Episodes of `controller` plus Gaussian action noise whose scale cycles through `noise_levels` (so the data
+    mixes good and bad episodes), in the DATASET.md layout. Returns the arrays and the episode returns."""
+    env = gym.make(env_id)
+    low, high = env.action_space.low[0], env.action_space.high[0]
+    rng = np.random.default_rng(seed)
+    rows = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    episode_returns = []
+    for episode in range(episodes):
+        noise = noise_levels[episode % len(noise_levels)]
+        obs, _ = env.reset(seed=seed * 1000 + episode)
+        done, total = False, 0.0
+        while not done:
+            action = float(np.clip(controller(obs) + noise * rng.normal(), low, high))
+            next_obs, reward, terminated, truncated, _ = env.step(np.array([action], np.float32))
+            for key, value in zip(rows, (obs, [action], reward, next_obs, terminated, truncated and not terminated)):
+                rows[key].append(value)
+            total += reward
+            obs, done = next_obs, terminated or truncated
+        episode_returns.append(total)
+    data = {key: np.asarray(value, np.float32 if key not in ("terminals", "timeouts") else bool)
+            for key, value in rows.items()}
+    np.savez(path, **data, env_id=np.array(env_id), source=np.array(f"tests: controller + noise {noise_levels}"))
+    return {**data, "episode_returns": np.array(episode_returns)}
+
+
+def write_pendulum_dataset(path, episodes: int = 30, seed: int = 0) -> dict:
+    return write_dataset(path, "Pendulum-v1", pendulum_controller, [0.0, 0.5, 1.0, 2.0], episodes, seed)
+
+
+@pytest.fixture(scope="module")
+def pendulum_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pendulum.npz"
+    return str(path), write_pendulum_dataset(path)
+
+
+def tiny_model(obs_dim=3, act_dim=2, dropout=0.0, low=-1.0, high=1.0):
+    torch.manual_seed(0)
+    model = dt.DecisionTransformer(obs_dim, act_dim, np.full(act_dim, low, np.float32),
+                                   np.full(act_dim, high, np.float32), 32, 2, 2, dropout, 100)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Returns-to-go and batch sampling
+# ----------------------------------------------------------------------------------------------------------------------
+def test_returns_to_go_are_undiscounted_suffix_sums_reset_at_episode_ends():
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 20.0, 5.0], np.float32)
+    data = {"terminals": np.array([0, 0, 1, 0, 0, 0], bool), "timeouts": np.array([0, 0, 0, 0, 1, 0], bool)}
+    data["timeouts"][-1] = True  # what load_dataset does to an unfinished last episode
+    starts, ends = dt.episode_bounds(data)
+    assert starts.tolist() == [0, 3, 5] and ends.tolist() == [3, 5, 6]
+    assert dt.returns_to_go(rewards, starts, ends).tolist() == [6.0, 5.0, 3.0, 30.0, 20.0, 5.0]
+
+
+def test_sequence_buffer_windows_stay_in_their_episode_and_scale_returns_to_go():
+    rng = np.random.default_rng(0)
+    lengths = [7, 3, 12]
+    n = sum(lengths)
+    ends = np.cumsum(lengths)
+    data = {"observations": rng.normal(size=(n, 3)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, size=(n, 2)).astype(np.float32),
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "terminals": np.isin(np.arange(n), ends[:1] - 1), "timeouts": np.isin(np.arange(n), ends[1:] - 1)}
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-6
+    buffer = dt.SequenceBuffer(data, mean, std, 10.0, 100, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    states, actions, rtg, timesteps, mask = buffer.sample(4000, 5, generator)
+    expected_rtg = dt.returns_to_go(data["rewards"], *dt.episode_bounds(data)) / 10.0
+    starts = np.concatenate([[0], ends[:-1]])
+    first_rows = []
+    for b in range(0, 4000, 97):
+        # Identify the window's first row by its (normalised) state, then check every step of the window.
+        first = int(np.argmin(np.abs((data["observations"] - mean) / std - states[b, 0].numpy()).sum(1)))
+        first_rows.append(first)
+        episode = np.searchsorted(ends, first, side="right")
+        real = min(5, ends[episode] - first)
+        assert mask[b].tolist() == [True] * real + [False] * (5 - real)
+        for k in range(real):
+            np.testing.assert_allclose(actions[b, k].numpy(), data["actions"][first + k], rtol=1e-6)
+            np.testing.assert_allclose(rtg[b, k, 0].item(), expected_rtg[first + k], rtol=1e-5)
+            assert timesteps[b, k].item() == first + k - starts[episode]
+        assert not states[b, real:].any() and not actions[b, real:].any()  # right padding is zero
+    # Starts are uniform over rows (= episodes in proportion to their length, then a uniform start).
+    counts = np.bincount(first_rows, minlength=n)
+    assert (counts > 0).sum() > n // 2
+
+
+def test_sampled_window_starts_are_uniform_over_rows():
+    n = 50
+    data = {"observations": np.arange(n, dtype=np.float32)[:, None], "actions": np.zeros((n, 1), np.float32),
+            "rewards": np.zeros(n, np.float32), "terminals": np.zeros(n, bool),
+            "timeouts": np.isin(np.arange(n), [9, 49])}  # episodes of 10 and 40 steps
+    buffer = dt.SequenceBuffer(data, np.zeros(1, np.float32), np.ones(1, np.float32), 1.0, 100, torch.device("cpu"))
+    states = buffer.sample(50_000, 3, torch.Generator().manual_seed(1))[0]
+    first = states[:, 0, 0].long().numpy()
+    frequencies = np.bincount(first, minlength=n) / len(first)
+    np.testing.assert_allclose(frequencies, 1 / n, atol=0.006)  # the 40-step episode gets 4x the 10-step one's share
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Causality and padding
+# ----------------------------------------------------------------------------------------------------------------------
+def random_sequence(batch=2, length=6, obs_dim=3, act_dim=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, length, obs_dim, generator=generator),
+            torch.rand(batch, length, act_dim, generator=generator) * 2 - 1,
+            torch.randn(batch, length, 1, generator=generator),
+            torch.randint(0, 90, (batch, length), generator=generator))
+
+
+@pytest.mark.parametrize("t", [0, 2, 5])
+def test_action_at_t_ignores_everything_after_the_state_token_of_t(t):
+    model = tiny_model()
+    states, actions, rtg, timesteps = random_sequence()
+    with torch.no_grad():
+        reference = model(states, actions, rtg, timesteps)[:, t]
+        changed_actions = actions.clone()
+        changed_actions[:, t:] = torch.rand_like(changed_actions[:, t:])  # a_t itself comes after s_t
+        changed_states, changed_rtg, changed_timesteps = states.clone(), rtg.clone(), timesteps.clone()
+        changed_states[:, t + 1:] += 5.0
+        changed_rtg[:, t + 1:] -= 3.0
+        changed_timesteps[:, t + 1:] = 0
+        after = model(changed_states, changed_actions, changed_rtg, changed_timesteps)[:, t]
+    torch.testing.assert_close(after, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["R_t", "s_t", "earlier state", "earlier action", "earlier return", "timestep"])
+def test_action_at_t_depends_on_earlier_tokens(change):
+    model = tiny_model()
+    states, actions, rtg, timesteps = random_sequence()
+    t = 3
+    changed = {"states": states.clone(), "actions": actions.clone(), "rtg": rtg.clone(), "timesteps": timesteps.clone()}
+    if change == "R_t":
+        changed["rtg"][:, t] += 1.0
+    elif change == "s_t":
+        changed["states"][:, t] += 1.0
+    elif change == "earlier state":
+        changed["states"][:, 0] += 1.0
+    elif change == "earlier action":
+        changed["actions"][:, t - 1] = -changed["actions"][:, t - 1]
+    elif change == "earlier return":
+        changed["rtg"][:, 1] += 1.0
+    else:
+        changed["timesteps"][:, 0] += 1
+    with torch.no_grad():
+        reference = model(states, actions, rtg, timesteps)[:, t]
+        after = model(changed["states"], changed["actions"], changed["rtg"], changed["timesteps"])[:, t]
+    assert (after - reference).abs().max() > 1e-4
+
+
+def test_right_padding_does_not_change_real_predictions_and_matches_the_unpadded_sequence():
+    model = tiny_model()
+    states, actions, rtg, timesteps = random_sequence(length=8)
+    real = 5
+    with torch.no_grad():
+        unpadded = model(states[:, :real], actions[:, :real], rtg[:, :real], timesteps[:, :real])
+        for pad_value in (0.0, -10.0, 7.0):  # whatever the pads hold, the real steps' predictions stay the same
+            padded = [x.clone() for x in (states, actions, rtg)]
+            for x in padded:
+                x[:, real:] = pad_value
+            predicted = model(*padded, timesteps)[:, :real]
+            torch.testing.assert_close(predicted, unpadded, rtol=0, atol=1e-6)
+
+
+def test_loss_ignores_padded_steps():
+    model = tiny_model()
+    states, actions, rtg, timesteps = random_sequence(length=6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    loss = dt.action_loss(model, states, actions, rtg, timesteps, mask)
+    actions_with_other_pads = actions.clone()
+    actions_with_other_pads[0, 4:] = 0.9
+    assert dt.action_loss(model, states, actions_with_other_pads, rtg, timesteps, mask).item() == pytest.approx(
+        loss.item(), abs=1e-7)
+    with torch.no_grad():
+        predicted = model(states, actions, rtg, timesteps)
+    expected = ((predicted - actions) ** 2).mean(-1)[mask].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_action_head_is_scaled_to_each_dimensions_bounds():
+    torch.manual_seed(0)
+    low, high = np.array([-2.0, 0.0], np.float32), np.array([2.0, 10.0], np.float32)
+    model = dt.DecisionTransformer(3, 2, low, high, 32, 1, 1, 0.0, 100).eval()
+    with torch.no_grad():
+        model.predict_action.weight.mul_(1000)  # saturate tanh to reach the bounds
+        predicted = model(*random_sequence(batch=64, length=4))
+    assert (predicted[..., 0] >= -2).all() and (predicted[..., 0] <= 2).all()
+    assert (predicted[..., 1] >= 0).all() and (predicted[..., 1] <= 10).all()
+    assert predicted[..., 1].max() > 9.9 and predicted[..., 1].min() < 0.1 and predicted[..., 0].min() < -1.9
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation bookkeeping
+# ----------------------------------------------------------------------------------------------------------------------
+class RecordingModel(torch.nn.Module):
+    """Stands in for the transformer: records what evaluation feeds it and answers a fixed action."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, states, actions, rtg, timesteps):
+        self.calls.append((states.clone(), actions.clone(), rtg.clone(), timesteps.clone()))
+        return torch.full(states.shape[:2] + (1,), 0.5)
+
+
+def test_evaluation_feeds_return_to_go_minus_rewards_so_far_and_the_last_k_steps():
+    model = RecordingModel()
+    mean, std = np.array([0.1, 0.2, 0.3], np.float32), np.array([2.0, 2.0, 4.0], np.float32)
+    returns = dt.evaluate(model, "Pendulum-v1", [-100.0, -300.0], 2, 123, mean, std, 100.0, 4, 200,
+                          torch.device("cpu"))
+    # Replay episode 0 by hand with the same seed and the same constant action.
+    env = gym.make("Pendulum-v1")
+    obs, _ = env.reset(seed=123)
+    observations, rewards = [], []
+    for _ in range(200):
+        observations.append(obs)
+        obs, reward, _, _, _ = env.step(np.array([0.5], np.float32))
+        rewards.append(reward)
+    assert returns.shape == (2, 2) and returns[0, 0] == pytest.approx(sum(rewards), rel=1e-5)
+    assert returns[1, 0] == pytest.approx(sum(rewards), rel=1e-5)  # same seed for episode 0 of every target
+    for t in (0, 1, 3, 4, 150):
+        states, actions, rtg, timesteps = model.calls[t]
+        assert states.shape[:2] == (4, min(t + 1, 4))  # the last min(t + 1, K) steps, no padding
+        first = max(0, t + 1 - 4)
+        assert timesteps[0].tolist() == list(range(first, t + 1))
+        # R_t = (target - sum_{t' < t} r_t') / scale, for target 0 (row 0) and target 1 (row 2)
+        for row, target in ((0, -100.0), (2, -300.0)):
+            expected = [(target - sum(rewards[:k])) / 100.0 for k in range(first, t + 1)]
+            np.testing.assert_allclose(rtg[row, :, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(states[0, -1].numpy(), (observations[t] - mean) / std, rtol=1e-5, atol=1e-6)
+        assert (actions[0, :-1] == 0.5).all()  # earlier actions are the ones taken
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset readers
+# ----------------------------------------------------------------------------------------------------------------------
+def test_npz_hdf5_and_minari_give_identical_arrays(tmp_path, monkeypatch, pendulum_data):
+    npz_path, data = pendulum_data
+    from_npz = dt.load_dataset(npz_path)
+    h5py = pytest.importorskip("h5py")
+    hdf5_path = str(tmp_path / "pendulum.hdf5")
+    with h5py.File(hdf5_path, "w") as file:  # D4RL's layout: float64 arrays at the top level
+        for key in ("observations", "actions", "rewards", "next_observations"):
+            file.create_dataset(key, data=data[key].astype(np.float64))
+        file.create_dataset("terminals", data=data["terminals"])
+        file.create_dataset("timeouts", data=data["timeouts"])
+        file.attrs["env_id"] = "Pendulum-v1"
+    from_hdf5 = dt.load_dataset(hdf5_path)
+    minari = pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    starts, ends = dt.episode_bounds(data)
+    buffers = [minari.data_collector.EpisodeBuffer(
+        id=i, observations=np.concatenate([data["observations"][s:e], data["next_observations"][e - 1:e]]),
+        actions=data["actions"][s:e], rewards=data["rewards"][s:e], terminations=data["terminals"][s:e],
+        truncations=data["timeouts"][s:e], infos={}) for i, (s, e) in enumerate(zip(starts, ends))]
+    minari.create_dataset_from_buffers("tests/pendulum/mixed-v0", buffers, env=gym.make("Pendulum-v1"),
+                                       algorithm_name="controller", author="tests", author_email="t@example.org",
+                                       code_permalink="https://example.org")
+    from_minari = dt.load_dataset("tests/pendulum/mixed-v0")
+    for loaded in (from_hdf5, from_minari):
+        for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+            assert loaded[key].dtype == from_npz[key].dtype
+            np.testing.assert_array_equal(loaded[key], from_npz[key])
+        assert loaded["env_id"] == "Pendulum-v1"
+    assert from_npz["timeouts"].sum() == 30 and not from_npz["terminals"].any()
+
+
+def test_unfinished_last_episode_is_kept_as_truncated(tmp_path, pendulum_data):
+    _, data = pendulum_data
+    path = str(tmp_path / "cut.npz")
+    arrays = {key: data[key][:250] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    np.savez(path, **arrays, env_id=np.array("Pendulum-v1"))
+    loaded = dt.load_dataset(path)
+    starts, ends = dt.episode_bounds(loaded)
+    assert ends.tolist() == [200, 250] and loaded["timeouts"][-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real command line
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_trains_evaluates_and_logs_finite_metrics(in_tmp, pendulum_data):
+    path, _ = pendulum_data
+    result = run_script(SCRIPT, "--dataset", path, "--total-steps", "60", "--eval-every", "30",
+                        "--target-returns", "-150", "-400", *TINY, cwd=in_tmp)
+    scalars = read_scalars(only_run_dir(in_tmp))
+    for tag in ("losses/action_mse", "charts/grad_norm", "charts/learning_rate", "charts/SPS",
+                "eval/return_target_-150", "eval/return_target_-400"):
+        assert tag in scalars and all_finite(v for _, v in scalars[tag]), tag
+    assert [s for s, _ in scalars["losses/action_mse"]] == [20, 40, 60]
+    assert [s for s, _ in scalars["eval/return_target_-150"]] == [30, 60]
+    lr = dict(scalars["charts/learning_rate"])
+    assert lr[20] == pytest.approx(1e-4) and lr[60] == pytest.approx(1e-4)  # warm-up of 10 steps is over
+    assert "final evaluation (target -150)" in result.stdout and "step 60/60" in result.stdout
+    assert "normalized" not in result.stdout  # Pendulum has no reference scores
+
+
+def test_learning_rate_warms_up_linearly(in_tmp, pendulum_data):
+    path, _ = pendulum_data
+    run_script(SCRIPT, "--dataset", path, "--total-steps", "40", "--eval-every", "1000", *TINY[:-2], "--log-every",
+               "10", "--warmup-steps", "40", "--eval-episodes", "1", cwd=in_tmp)
+    lr = dict(read_scalars(only_run_dir(in_tmp))["charts/learning_rate"])
+    for step in (10, 20, 30):  # after `step` optimizer steps the rate is lr * (step + 1) / warmup
+        assert lr[step] == pytest.approx(1e-4 * (step + 1) / 40, rel=1e-5)
+
+
+def test_learning_beats_the_dataset_mean(in_tmp):
+    """A small model conditioned on a high return beats the dataset's mean episode return by a clear margin.
+
+    InvertedPendulum-v5 rather than Pendulum-v1: its rewards are positive (+1 per step alive), as in the locomotion
+    tasks. Pendulum's are negative, so a target above what a start state allows drives the return-to-go above zero,
+    a value the data never shows. The controller's actions carry Gaussian noise (as a stochastic policy's do);
+    without it the next action equals the previous one and a transformer learns to copy it instead of the state."""
+    data = write_dataset("inverted_pendulum.npz", "InvertedPendulum-v5", inverted_pendulum_controller,
+                         [0.1, 0.3, 0.5, 1.0], episodes=20)
+    dataset_mean, dataset_best = data["episode_returns"].mean(), data["episode_returns"].max()
+    assert 300 < dataset_mean < 600 and dataset_best == 1000  # good and bad episodes mixed
+    result = run_script(SCRIPT, "--dataset", "inverted_pendulum.npz", "--total-steps", "1000", "--eval-every",
+                        "100000", "--context-len", "10", "--embed-dim", "64", "--n-layers", "2", "--batch-size", "64",
+                        "--learning-rate", "1e-3", "--warmup-steps", "100", "--reward-scale", "100",
+                        "--target-returns", "1000", "--eval-episodes", "10", "--log-every", "500", cwd=in_tmp)
+    final = float(result.stdout.split("final evaluation (target 1000): ")[1].split(" +-")[0])
+    print(f"dataset mean {dataset_mean:.1f}, best {dataset_best:.1f}, DT {final:.1f}")
+    assert final > dataset_mean + 0.5 * (dataset_best - dataset_mean)
+
+
+def test_checkpoint_round_trip_and_determinism(in_tmp, pendulum_data):
+    path, _ = pendulum_data
+    cli = ["--dataset", path, "--total-steps", "40", "--eval-every", "1000", "--target-returns", "-200", *TINY]
+    first = run_script(SCRIPT, *cli, "--save-model", cwd=in_tmp)
+    checkpoint = os.path.join(only_run_dir(in_tmp), "decision_transformer.pt")
+    final_line = [line for line in first.stdout.splitlines() if line.startswith("final evaluation")][0]
+    evaluated = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--eval-episodes", "2", cwd=in_tmp)
+    assert final_line.split(": ")[1] in evaluated.stdout  # same returns without the dataset
+    second = run_script(SCRIPT, *cli, "--exp-name", "again", cwd=in_tmp)
+    assert [line for line in second.stdout.splitlines() if line.startswith("final evaluation")][0] == final_line
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["script"] == "decision_transformer" and state["global_step"] == 40
+    assert state["state_mean"].shape == (3,) and state["target_returns"] == [-200.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, no traceback
+# ----------------------------------------------------------------------------------------------------------------------
+def one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("decision_transformer.py: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_errors(in_tmp, pendulum_data):
+    path, data = pendulum_data
+    run = lambda *cli: run_script(SCRIPT, *cli, cwd=in_tmp, check=False)  # noqa: E731
+    one_line_error(run(), "--dataset")
+    one_line_error(run("--dataset", "missing.npz"), "not found", "--export-replay")
+    with open("corrupt.npz", "wb") as file:
+        file.write(b"not a zip file")
+    one_line_error(run("--dataset", "corrupt.npz"), "corrupt")
+    np.savez("no_actions.npz", observations=data["observations"], rewards=data["rewards"])
+    one_line_error(run("--dataset", "no_actions.npz"), "lacks the keys", "actions")
+    one_line_error(run("--dataset", path, "--env-id", "Hopper-v5"), "obs_dim 3", "--env-id")
+    arrays = {key: data[key] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    np.savez("no_env.npz", **arrays)
+    one_line_error(run("--dataset", "no_env.npz"), "--env-id")
+    one_line_error(run("--dataset", path, "--env-id", "NoSuchEnv-v0"), "--env-id")
+    one_line_error(run("--dataset", path, "--embed-dim", "30", "--n-heads", "4"), "divisible")
+    one_line_error(run("--dataset", path, "--total-steps", "0"), "--total-steps")
+    one_line_error(run("--dataset", path, "--max-ep-len", "100"), "--max-ep-len")
+    one_line_error(run("--dataset", "someone/unknown-dataset-v0"), "--download-dataset")
+    one_line_error(run("--eval-checkpoint", "missing.pt"), "does not exist")
+    with open("corrupt.pt", "wb") as file:
+        file.write(b"garbage")
+    one_line_error(run("--eval-checkpoint", "corrupt.pt"), "corrupt")
+    torch.save({"script": "sac_continuous", "version": 1}, "sac.pt")
+    one_line_error(run("--eval-checkpoint", "sac.pt"), "sac_continuous.py")
