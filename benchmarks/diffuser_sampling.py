@@ -1,0 +1,84 @@
+"""Sampling speed of decision_diffuser.py: DDPM over all K steps versus DDIM with 20 and 10 steps, on the same model.
+
+Trains the small configuration on a Pendulum-v1 dataset (or loads --checkpoint), then evaluates the same EMA weights
+with each sampler: milliseconds per batched planning step (one plan for all --eval-episodes envs, plus the inverse
+dynamics) and evaluation return. Also reports training optimiser steps per second. Prints a markdown table.
+
+    OMP_NUM_THREADS=1 python benchmarks/diffuser_sampling.py --dataset data/pendulum.npz --make-pendulum-dataset
+    OMP_NUM_THREADS=1 python benchmarks/diffuser_sampling.py --checkpoint runs/<run>/decision_diffuser.pt
+"""
+
+import argparse
+import contextlib
+import glob
+import io
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import decision_diffuser as dd  # noqa: E402  (benchmarks may import the script as a module)
+
+SMALL = dict(horizon=16, dim=32, dim_mults=(1, 2), n_diffusion_steps=200, total_steps=2000, batch_size=64,
+             gradient_accumulate_every=1, ema_start=500, learning_rate=1e-3, normalizer="limits", sampler="ddim",
+             sampling_steps=10)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", help="a DATASET.md .npz to train the small configuration on")
+    parser.add_argument("--make-pendulum-dataset", action="store_true",
+                        help="first write --dataset with the tests' Pendulum-v1 controller/noisy/random episodes")
+    parser.add_argument("--checkpoint", help="a decision_diffuser.pt to benchmark instead of training")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    options = parser.parse_args()
+    if not (options.dataset or options.checkpoint):
+        parser.error("give --dataset (train the small configuration first) or --checkpoint")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    if options.make_pendulum_dataset:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from test_decision_diffuser import pendulum_dataset
+
+        os.makedirs(os.path.dirname(os.path.abspath(options.dataset)), exist_ok=True)
+        pendulum_dataset(options.dataset)
+    train_sps = None
+    checkpoint = options.checkpoint
+    if checkpoint is None:
+        args = dd.Args(dataset=options.dataset, seed=options.seed, cuda=False, save_model=True, eval_episodes=1,
+                       eval_every=10**9, log_every=500, **SMALL)
+        start = time.time()
+        dd.main(args)
+        elapsed = time.time() - start
+        checkpoint = max(glob.glob("runs/*/decision_diffuser.pt"), key=os.path.getmtime)
+        train_sps = SMALL["total_steps"] / elapsed  # includes data preparation and one 1-episode evaluation
+    n_steps = torch.load(checkpoint, weights_only=True)["args"]["n_diffusion_steps"]
+
+    rows = []
+    for sampler, steps in [("ddpm", n_steps), ("ddim", 20), ("ddim", 10)]:
+        args = dd.Args(eval_checkpoint=checkpoint, eval_episodes=options.eval_episodes, seed=options.seed,
+                       cuda=False, sampler=sampler, sampling_steps=min(steps, n_steps))
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            returns = dd.main(args)
+        # the script's own measurement: mean time of one batched plan (+ inverse dynamics) over the evaluation
+        ms = float(re.search(r"([0-9.]+) ms per planning step", output.getvalue()).group(1))
+        rows.append((f"{sampler.upper()}-{steps}", ms, ms / len(returns), returns.mean(), returns.std()))
+        print(f"{rows[-1][0]}: {ms:.1f} ms per batched plan, return {returns.mean():.1f}", flush=True)
+
+    print(f"\ncheckpoint: {checkpoint}; {options.eval_episodes} envs planned in one batch; "
+          f"torch threads {torch.get_num_threads()}")
+    if train_sps is not None:
+        print(f"training: {train_sps:.1f} optimiser steps/s (batch 64, small configuration, incl. set-up)")
+    print("\n| sampler | ms per batched plan step | ms per action (per env) | eval return (mean +- std) |")
+    print("| --- | --- | --- | --- |")
+    for name, ms_batch, ms_action, mean, std in rows:
+        print(f"| {name} | {ms_batch:.1f} | {ms_action:.1f} | {mean:.1f} +- {std:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

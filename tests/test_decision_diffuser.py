@@ -1,0 +1,432 @@
+"""Tests of decision_diffuser.py: the diffusion maths against independent computations, guidance, inpainting, the
+U-Net, data handling, the CLI, learning on Pendulum-v1, checkpoints, determinism and bad input."""
+
+import glob
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import all_finite, evaluation_returns, only_run_dir, read_scalars, run_script
+
+import decision_diffuser as dd
+
+SCRIPT = "decision_diffuser.py"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A Pendulum-v1 dataset written by the tests themselves (DATASET.md layout)
+# ----------------------------------------------------------------------------------------------------------------------
+def swing_up_controller(obs: np.ndarray) -> float:
+    """Energy-based swing-up, PD near upright. Pendulum-v1: theta'' = 15 sin(theta) + 3 u, so the energy
+    E = 0.5 theta'^2 + 15 cos(theta) is 15 at the upright rest, and dE/dt = 3 u theta'."""
+    cos, sin, theta_dot = obs
+    theta = np.arctan2(sin, cos)
+    if cos > 0.85:
+        return float(np.clip(-10.0 * theta - 2.0 * theta_dot, -2.0, 2.0))
+    pump = (15.0 - (0.5 * theta_dot**2 + 15.0 * cos)) * theta_dot
+    return 2.0 * float(np.sign(pump)) if abs(pump) > 0.05 else 2.0
+
+
+def pendulum_dataset(path, n_good=10, n_noisy=10, n_random=10, seed=0) -> np.ndarray:
+    """Episodes of the controller (return about -130), of the controller with half its actions random (about -400)
+    and of uniform random actions (about -1170); written to `path`. Returns the episode returns."""
+    env = gym.make("Pendulum-v1")
+    rng = np.random.default_rng(seed)
+    rows = {key: [] for key in dd.KEYS}
+    episode_returns = []
+    for i, kind in enumerate(["good"] * n_good + ["noisy"] * n_noisy + ["random"] * n_random):
+        obs, _ = env.reset(seed=seed * 1000 + i)
+        done, total = False, 0.0
+        while not done:
+            random_action = kind == "random" or (kind == "noisy" and rng.random() < 0.5)
+            action = rng.uniform(-2.0, 2.0) if random_action else swing_up_controller(obs)
+            next_obs, reward, terminated, truncated, _ = env.step(np.array([action], np.float32))
+            for key, value in zip(dd.KEYS, (obs, [action], reward, next_obs, terminated, truncated and not terminated)):
+                rows[key].append(value)
+            total, obs, done = total + reward, next_obs, terminated or truncated
+        episode_returns.append(total)
+    data = {key: np.array(value, dtype=bool if key in ("terminals", "timeouts") else np.float32)
+            for key, value in rows.items()}
+    np.savez(path, env_id=np.array("Pendulum-v1"), source=np.array("tests: swing-up controller"), **data)
+    return np.array(episode_returns)
+
+
+TINY = ["--horizon", "8", "--dim", "16", "--dim-mults", "1", "2", "--n-diffusion-steps", "10", "--batch-size", "16",
+        "--gradient-accumulate-every", "2", "--ema-start", "10", "--ema-every", "5", "--sampler", "ddim",
+        "--sampling-steps", "4", "--eval-episodes", "2", "--inv-hidden-dim", "32", "--cdf-knots", "101"]
+
+
+def tiny_args(dataset, **overrides) -> dd.Args:
+    settings = dict(dataset=None if dataset is None else str(dataset), horizon=8, dim=16, dim_mults=(1, 2), n_diffusion_steps=10, batch_size=16,
+                    ema_start=10, ema_every=5, sampler="ddim", sampling_steps=4, eval_episodes=2, inv_hidden_dim=32,
+                    cdf_knots=101, total_steps=30, eval_every=1000, log_every=10, seed=3, cuda=False)
+    settings.update(overrides)
+    return dd.Args(**settings)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pendulum_small.npz"
+    pendulum_dataset(path, n_good=2, n_noisy=1, n_random=1)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedule and samplers, against independent float64 computations
+# ----------------------------------------------------------------------------------------------------------------------
+def independent_alphas_cumprod(n_steps, s=0.008):
+    f = [np.cos(((t / n_steps) + s) / (1 + s) * np.pi / 2) ** 2 for t in range(n_steps + 1)]
+    betas = np.minimum([1 - f[t + 1] / f[t] for t in range(n_steps)], 0.999)
+    return betas, np.cumprod(1 - betas)
+
+
+def test_cosine_schedule_is_decreasing_in_unit_interval_and_matches_eq17():
+    schedule = dd.CosineSchedule(200)
+    alphas_cumprod = schedule.alphas_cumprod.double()
+    assert torch.all(alphas_cumprod > 0) and torch.all(alphas_cumprod < 1)
+    assert torch.all(alphas_cumprod[1:] < alphas_cumprod[:-1])
+    assert schedule.betas.max() <= 0.999 + 1e-7
+    betas, expected = independent_alphas_cumprod(200)
+    np.testing.assert_allclose(alphas_cumprod.numpy(), expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(schedule.betas.double().numpy(), betas, rtol=1e-5, atol=1e-9)
+
+
+def test_q_sample_matches_closed_form():
+    schedule = dd.CosineSchedule(50)
+    torch.manual_seed(0)
+    x0, noise = torch.rand(6, 8, 3) * 2 - 1, torch.randn(6, 8, 3)
+    k = torch.tensor([0, 5, 17, 30, 48, 49])
+    _, alphas_cumprod = independent_alphas_cumprod(50)
+    expected = (np.sqrt(alphas_cumprod[k.numpy()])[:, None, None] * x0.double().numpy()
+                + np.sqrt(1 - alphas_cumprod[k.numpy()])[:, None, None] * noise.double().numpy())
+    np.testing.assert_allclose(dd.q_sample(schedule, x0, k, noise).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def fixed_epsilon(x, k):
+    """A deterministic stand-in for the network: depends on x and k."""
+    return 0.4 * torch.tanh(x) + 0.01 * k.float()[:, None, None]
+
+
+def test_ddpm_sampling_matches_an_independent_float64_loop():
+    """Every DDPM step: x0 = clamp((x - sqrt(1 - abar) eps) / sqrt(abar)), mean from the posterior q(x_{k-1}|x_k, x0)
+    written from betas alone, plus alpha sqrt(beta_tilde) z; index 0 inpainted."""
+    n_steps, temperature = 20, 0.5
+    schedule = dd.CosineSchedule(n_steps)
+    betas, alphas_cumprod = independent_alphas_cumprod(n_steps)
+    state, noise = torch.tensor([[0.3, -0.2, 0.9], [-0.5, 0.1, 0.0]]), torch.randn(2, 6, 3)
+    generator = torch.Generator().manual_seed(7)
+    ours = dd.ddpm_sample(fixed_epsilon, schedule, state, 6, temperature, noise, generator)
+    generator = torch.Generator().manual_seed(7)
+    x = (temperature * noise).double()
+    x[:, 0] = state.double()
+    for i in reversed(range(n_steps)):
+        abar, abar_prev = alphas_cumprod[i], alphas_cumprod[i - 1] if i > 0 else 1.0
+        k = torch.full((2,), i)
+        x0 = ((x - np.sqrt(1 - abar) * fixed_epsilon(x.float(), k).double()) / np.sqrt(abar)).clamp(-1, 1)
+        mean = (np.sqrt(abar_prev) * betas[i] / (1 - abar)) * x0 + (np.sqrt(1 - betas[i]) * (1 - abar_prev) / (1 - abar)) * x
+        if i > 0:
+            variance = (1 - abar_prev) / (1 - abar) * betas[i]
+            mean = mean + temperature * np.sqrt(variance) * torch.randn(2, 6, 3, generator=generator).double()
+        x = mean
+        x[:, 0] = state.double()
+    torch.testing.assert_close(ours.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_with_all_steps_and_eta_one_follows_the_ddpm_mean_path():
+    """Song et al.: DDIM with eta = 1 over every training step is DDPM. With the noise off (temperature 0), both
+    follow the posterior-mean path from the same x_K, step for step."""
+    schedule = dd.CosineSchedule(30)
+    state, noise = torch.tensor([[0.2, 0.5, -0.4]]), torch.randn(1, 8, 3)
+    ddpm = dd.ddpm_sample(fixed_epsilon, schedule, state, 8, temperature=0.0, initial_noise=noise)
+    ddim = dd.ddim_sample(fixed_epsilon, schedule, state, 8, sampling_steps=30, eta=1.0, temperature=0.0,
+                          initial_noise=noise)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-5)
+    assert dd.ddim_timesteps(30, 30) == list(range(30))
+    assert dd.ddim_timesteps(200, 10)[0] == 0 and dd.ddim_timesteps(200, 10)[-1] == 199
+
+
+@pytest.mark.parametrize("steps", [40, 10, 3])
+def test_deterministic_ddim_with_an_oracle_recovers_the_data_point(steps):
+    """If eps_theta returns the exact noise of a fixed x0* (in [-1, 1]), deterministic DDIM lands on x0* for any
+    number of steps (Eq. 12 with sigma = 0 keeps x_k on the line between x0* and that noise)."""
+    schedule = dd.CosineSchedule(40)
+    torch.manual_seed(1)
+    target = torch.rand(2, 8, 3) * 1.6 - 0.8
+    state = target[:, 0]
+
+    def oracle(x, k):
+        abar = schedule.alphas_cumprod[k][:, None, None]
+        return (x - abar.sqrt() * target) / (1 - abar).sqrt()
+
+    out = dd.ddim_sample(oracle, schedule, state, 8, sampling_steps=steps, eta=0.0, temperature=1.0)
+    torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guidance, inpainting, U-Net
+# ----------------------------------------------------------------------------------------------------------------------
+def test_batched_guidance_equals_two_separate_passes():
+    torch.manual_seed(2)
+    unet = dd.TemporalUnet(obs_dim=3, horizon=8, dim=16, dim_mults=(1, 2), kernel_size=5)
+    x, k, returns = torch.randn(4, 8, 3), torch.tensor([0, 3, 7, 9]), torch.rand(4, 1)
+    w = 1.7
+    with torch.no_grad():
+        eps_c = unet(x, k, returns, torch.ones(4))
+        eps_u = unet(x, k, returns, torch.zeros(4))
+        guided = dd.guided_epsilon(unet, x, k, returns, w)
+        eps_u_again = unet(x, k, torch.rand(4, 1), torch.zeros(4))  # the null condition ignores the return
+    torch.testing.assert_close(guided, eps_u + w * (eps_c - eps_u), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eps_u_again, eps_u)
+    assert not torch.allclose(eps_c, eps_u)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_inpainted_state_stays_exactly_the_observation(sampler):
+    torch.manual_seed(3)
+    unet = dd.TemporalUnet(obs_dim=3, horizon=8, dim=16, dim_mults=(1, 2), kernel_size=5)
+    schedule = dd.CosineSchedule(12)
+    state, returns = torch.tensor([[0.123, -0.456, 0.789], [1.0, -1.0, 0.0]]), torch.rand(2, 1)
+    seen = []
+
+    def recording(x, k):
+        seen.append(x.clone())  # the plan after the previous denoising step (or x_K)
+        return dd.guided_epsilon(unet, x, k, returns, 1.2)
+
+    if sampler == "ddpm":
+        out = dd.ddpm_sample(recording, schedule, state, 8, temperature=0.5)
+    else:
+        out = dd.ddim_sample(recording, schedule, state, 8, sampling_steps=5, eta=0.5, temperature=0.5)
+    assert len(seen) == (12 if sampler == "ddpm" else 5)
+    for x in seen + [out]:
+        assert torch.equal(x[:, 0], state)
+    assert not torch.equal(out[:, 1], out[:, 2])  # the rest of the plan did change
+
+
+@pytest.mark.parametrize("horizon, mults", [(4, (1, 2, 4)), (32, (1, 2, 4)), (100, (1, 4, 8)), (7, (1,)), (6, (1, 2))])
+def test_unet_preserves_shape_for_valid_horizons(horizon, mults):
+    unet = dd.TemporalUnet(obs_dim=5, horizon=horizon, dim=8, dim_mults=mults, kernel_size=5)
+    out = unet(torch.randn(3, horizon, 5), torch.tensor([0, 1, 2]), torch.rand(3, 1), torch.ones(3))
+    assert out.shape == (3, horizon, 5)
+
+
+def test_unet_rejects_invalid_horizon_with_one_line():
+    with pytest.raises(SystemExit) as error:
+        dd.TemporalUnet(obs_dim=5, horizon=30, dim=8, dim_mults=(1, 2, 4), kernel_size=5)
+    message = str(error.value)
+    assert "\n" not in message and "--horizon 30 must be divisible by 4" in message and "valid horizons" in message
+
+
+def test_faithful_unet_has_about_60m_parameters():
+    """Released config on Hopper (11 state dims): dim 128, dim_mults (1, 4, 8); ALGORITHMS.md says ~60M."""
+    unet = dd.TemporalUnet(obs_dim=11, horizon=100, dim=128, dim_mults=(1, 4, 8), kernel_size=5)
+    assert 50e6 < sum(p.numel() for p in unet.parameters()) < 70e6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: normalisers, returns, windows
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cdf", "limits"])
+def test_normalizer_maps_to_unit_interval_and_inverts(kind):
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(size=5000), rng.exponential(size=5000), np.full(5000, 3.0),
+                  rng.choice([-2.0, 2.0, 0.5], size=5000)], axis=1).astype(np.float32)
+    norm = dd.Normalizer.fit(x, kind, 1001)
+    y = norm.normalize(torch.as_tensor(x))
+    assert y.min() >= -1 and y.max() <= 1
+    assert torch.all(y[:, 2].abs() < 1e-6)  # a constant dimension maps to 0
+    torch.testing.assert_close(norm.unnormalize(y), torch.as_tensor(x), rtol=1e-4, atol=1e-4)
+    if kind == "cdf":  # roughly uniform on [-1, 1] for a continuous distribution
+        assert abs(float(y[:, 0].mean())) < 0.02 and abs(float((y[:, 0] < 0).float().mean()) - 0.5) < 0.02
+    else:
+        assert y[:, 0].min() == -1 and y[:, 0].max() == 1
+
+
+def test_discounted_returns_restart_at_episode_ends_with_termination_penalty():
+    data = {"rewards": np.array([1, 1, 1, 2, 2], np.float32), "terminals": np.array([0, 0, 1, 0, 0], bool),
+            "timeouts": np.array([0, 0, 0, 0, 1], bool)}
+    returns = dd.discounted_returns(data, 0.5, -100.0)
+    np.testing.assert_allclose(returns, [1 + 0.5 + 0.25 * -99, 1 + 0.5 * -99, -99, 2 + 0.5 * 2, 2])
+
+
+def test_windows_pad_with_the_final_state_and_mask_padded_actions():
+    data = {"observations": np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32),
+            "next_observations": (np.arange(5, dtype=np.float32)[:, None] + 1) * np.ones((1, 2), np.float32),
+            "actions": np.arange(5, dtype=np.float32)[:, None] / 10, "rewards": np.zeros(5, np.float32),
+            "terminals": np.array([0, 0, 1, 0, 0], bool), "timeouts": np.array([0, 0, 0, 0, 1], bool),
+            "scaled_returns": np.arange(5, dtype=np.float32)}
+    identity = dd.Normalizer(torch.tensor([[-1.0, 1.0]] * 2) * 10)  # x / 10
+    windows = dd.PlanWindows(data, identity, dd.Normalizer(torch.tensor([[-1.0, 1.0]])), 4, torch.device("cpu"))
+    index = windows.row_start[1] + windows.offsets  # the window starting at row 1 (episode 0 has rows 0..2)
+    np.testing.assert_allclose(windows.states[index][:, 0].numpy() * 10, [1, 2, 3, 3], rtol=1e-5)  # s_3 = final next obs
+    assert windows.valid[index].tolist() == [True, True, False, False]
+    index = windows.row_start[3] + windows.offsets  # episode 1 starts fresh at row 3
+    np.testing.assert_allclose(windows.states[index][:, 0].numpy() * 10, [3, 4, 5, 5], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line, checkpoints, determinism
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_run_logs_finite_metrics(tmp_path, small_dataset):
+    result = run_script(SCRIPT, "--dataset", str(small_dataset), *TINY, "--total-steps", "40", "--log-every", "10",
+                        "--eval-every", "20", cwd=str(tmp_path))
+    scalars = read_scalars(only_run_dir(str(tmp_path)))
+    for tag in ["losses/loss", "losses/diffusion_loss", "losses/inv_loss", "charts/SPS", "eval/episodic_return",
+                "eval/ms_per_plan"]:
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+        assert all_finite(v for _, v in scalars[tag]), tag
+    assert [step for step, _ in scalars["losses/loss"]] == [10, 20, 30, 40]
+    assert [step for step, _ in scalars["eval/episodic_return"]] == [20, 40]
+    assert "eval/normalized_score" not in scalars  # Pendulum has no reference scores
+    losses = [v for _, v in scalars["losses/diffusion_loss"]]
+    assert losses[-1] < losses[0]  # it is learning something
+    assert len(evaluation_returns(result.stdout)) == 2 and "final evaluation:" in result.stdout
+    assert "step 40/40 |" in result.stdout and "SPS | ETA" in result.stdout
+
+
+def test_checkpoint_round_trip_and_determinism(in_tmp, small_dataset):
+    returns = dd.main(tiny_args(small_dataset, save_model=True))
+    again = dd.main(tiny_args(small_dataset))
+    np.testing.assert_array_equal(returns, again)  # same seed on CPU, same numbers
+    assert not np.array_equal(returns, dd.main(tiny_args(small_dataset, seed=4)))
+    path = glob.glob("runs/*/decision_diffuser.pt")
+    assert len(path) == 1 and not glob.glob("runs/*/*.tmp*")
+    state = torch.load(path[0], weights_only=True)
+    assert state["global_step"] == 30 and state["env_id"] == "Pendulum-v1" and state["obs_dim"] == 3
+    assert {"model", "ema_model", "optimizer", "state_knots", "action_knots", "returns_scale"} <= set(state)
+    assert state["state_knots"].shape == (3, 101)
+    ema, online = state["ema_model"], state["model"]
+    assert not torch.equal(ema["unet.final.1.weight"], online["unet.final.1.weight"])  # EMA after step 10
+    # Evaluation-only mode rebuilds everything from the checkpoint (no dataset) and reproduces the final evaluation.
+    np.testing.assert_array_equal(dd.main(dd.Args(eval_checkpoint=path[0], eval_episodes=2, seed=3, sampler="ddim",
+                                                   sampling_steps=4, cuda=False)), returns)
+
+
+def test_cli_eval_checkpoint_with_another_sampler(tmp_path, small_dataset):
+    run_script(SCRIPT, "--dataset", str(small_dataset), *TINY, "--total-steps", "10", "--save-model",
+               cwd=str(tmp_path))
+    checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "decision_diffuser.pt"))[0]
+    result = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--sampler", "ddpm", "--eval-episodes", "2",
+                        cwd=str(tmp_path))
+    assert "DDPM 10 steps" in result.stdout and "final evaluation:" in result.stdout
+
+
+def test_hdf5_and_npz_give_the_same_arrays(tmp_path, small_dataset):
+    h5py = pytest.importorskip("h5py")
+    with np.load(small_dataset) as file, h5py.File(tmp_path / "d.hdf5", "w") as out:
+        for key in dd.KEYS:
+            out[key] = file[key].astype(np.float64) if file[key].dtype == np.float32 else file[key]
+    a, b = dd.load_dataset(str(small_dataset), False), dd.load_dataset(str(tmp_path / "d.hdf5"), False)
+    for key in dd.KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["env_id"] == "Pendulum-v1" and b["env_id"] is None  # the .hdf5 needs --env-id
+
+
+def test_minari_dataset_reads_like_the_npz(tmp_path, small_dataset, monkeypatch):
+    minari = pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    data = dd.load_dataset(str(small_dataset), False)
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    buffers = []
+    for i, (begin, end) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+        obs = np.concatenate([data["observations"][begin:end], data["next_observations"][end - 1 : end]])
+        buffers.append(minari.data_collector.EpisodeBuffer(
+            id=i, observations=obs, actions=data["actions"][begin:end], rewards=data["rewards"][begin:end],
+            terminations=data["terminals"][begin:end], truncations=data["timeouts"][begin:end], infos={}))
+    minari.create_dataset_from_buffers("test/pendulum/small-v0", buffers, env=gym.make("Pendulum-v1"),
+                                       algorithm_name="swing-up", author="tests", author_email="t@example.com",
+                                       code_permalink="https://example.com")
+    loaded = dd.load_dataset("test/pendulum/small-v0", False)
+    for key in dd.KEYS:
+        np.testing.assert_allclose(loaded[key], data[key], rtol=1e-6)
+    assert loaded["env_id"] == "Pendulum-v1"
+    with pytest.raises(SystemExit, match="--download-dataset"):
+        dd.load_dataset("test/pendulum/missing-v0", False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Learning: better than the data it learned from
+# ----------------------------------------------------------------------------------------------------------------------
+# The small configuration (README): trains in about 75 s on one CPU thread.
+SMALL_CONFIG = ["--horizon", "16", "--dim", "32", "--dim-mults", "1", "2", "--n-diffusion-steps", "20",
+                "--total-steps", "2000", "--batch-size", "64", "--gradient-accumulate-every", "1", "--ema-start", "500",
+                "--learning-rate", "1e-3", "--normalizer", "limits", "--sampler", "ddim", "--sampling-steps", "10"]
+
+
+def test_learns_pendulum_above_the_dataset_mean(tmp_path):
+    """30 episodes: 10 of a swing-up controller (about -130), 10 with half the actions random (about -400) and 10
+    random (about -1170); dataset mean about -630. Conditioned on a high return (0.9 of the data's range), the small
+    configuration must score above -300 over 10 evaluation episodes, far above the data's mean. The same checkpoint
+    conditioned on a low return (0.1) must score below -700: the return condition, not luck, sets the behaviour."""
+    episode_returns = pendulum_dataset(tmp_path / "pendulum.npz")
+    result = run_script(SCRIPT, "--dataset", "pendulum.npz", *SMALL_CONFIG, "--eval-every", "10000", "--log-every",
+                        "500", "--save-model", cwd=str(tmp_path))
+    final = evaluation_returns(result.stdout)[-1]
+    checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "decision_diffuser.pt"))[0]
+    low = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--test-return", "0.1", "--sampler", "ddim",
+                     "--sampling-steps", "10", cwd=str(tmp_path))
+    low_return = float(low.stdout.split("final evaluation: ")[1].split(" +-")[0])
+    print(f"dataset mean {episode_returns.mean():.1f}, decision diffuser {final:.1f}, asked for a low return "
+          f"{low_return:.1f}")
+    assert episode_returns.mean() < -500
+    assert final > -300, result.stdout
+    assert low_return < -700, low.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, never a traceback
+# ----------------------------------------------------------------------------------------------------------------------
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("decision_diffuser.py: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_cli_errors_are_one_line(tmp_path, small_dataset):
+    assert_one_line_error(run_script(SCRIPT, "--dataset", "data/missing.npz", cwd=str(tmp_path), check=False),
+                          "data/missing.npz not found", "--export-replay", "mujoco/hopper/medium-v0")
+    assert_one_line_error(run_script(SCRIPT, "--dataset", str(small_dataset), "--horizon", "30", cwd=str(tmp_path),
+                                     check=False), "--horizon 30", "valid horizons")
+
+
+def write_npz(path, drop=(), **changes):
+    with np.load(changes.pop("source")) as file:
+        data = {key: file[key] for key in file.files if key not in drop}
+    data.update(changes)
+    np.savez(path, **data)
+
+
+def test_bad_input_fails_with_one_line(in_tmp, small_dataset):
+    (in_tmp / "corrupt.npz").write_bytes(b"not a zip file")
+    write_npz(in_tmp / "nokeys.npz", drop=("rewards", "timeouts"), source=small_dataset)
+    write_npz(in_tmp / "noenv.npz", drop=("env_id",), source=small_dataset)
+    torch.save({"script": "sac_continuous", "version": 1}, in_tmp / "sac.pt")
+    (in_tmp / "corrupt.pt").write_bytes(b"not a checkpoint")
+    cases = [
+        (tiny_args("corrupt.npz"), "corrupt"),
+        (tiny_args("nokeys.npz"), "lacks the keys ['rewards', 'timeouts']"),
+        (tiny_args("noenv.npz"), "pass --env-id"),
+        (tiny_args(small_dataset, env_id="Hopper-v5"), "has obs_dim 3 / act_dim 1 but Hopper-v5"),
+        (tiny_args(small_dataset, env_id="CartPole-v1"), "Box"),
+        (tiny_args(small_dataset, env_id="NoSuchEnv-v0"), "--env-id"),
+        (tiny_args(None), "--dataset is required"),
+        (tiny_args(small_dataset, horizon=10, dim_mults=(1, 2, 4)), "valid horizons are 4, 8, 12"),
+        (tiny_args(small_dataset, dim=12), "--dim must be a multiple of 8"),
+        (tiny_args(small_dataset, sampling_steps=11), "--sampling-steps (11) cannot exceed"),
+        (tiny_args(small_dataset, condition_dropout=1.0), "--condition-dropout"),
+        (tiny_args(small_dataset, batch_size=0), "--batch-size must be > 0"),
+        (tiny_args(small_dataset, seed=-1), "--seed"),
+        (dd.Args(eval_checkpoint="missing.pt"), "does not exist"),
+        (dd.Args(eval_checkpoint="sac.pt"), "written by sac_continuous, not decision_diffuser.py"),
+        (dd.Args(eval_checkpoint="corrupt.pt"), "corrupt"),
+        (tiny_args("no/such/minari-v0"), "--download-dataset"),
+    ]
+    for args, fragment in cases:
+        with pytest.raises(SystemExit) as error:
+            dd.main(args)
+        message = str(error.value)
+        assert "\n" not in message and fragment in message, (fragment, message)
+        assert message.startswith("decision_diffuser.py: error:")
