@@ -309,6 +309,8 @@ class SequenceBuffer:
         device = self.states.device
         first = torch.randint(0, self.size, (batch_size,), device=device, generator=generator)  # (B,)
         rows = first[:, None] + torch.arange(context_len, device=device)  # (B, K)
+        # Deviation: right padding (the official code pads on the left, with different pad values in training and
+        # evaluation); under the causal mask no real token can see a pad, so pad values cannot matter.
         mask = rows < self.episode_end[first][:, None]  # (B, K) True on real steps, False on right padding
         rows = torch.where(mask, rows, first[:, None])  # pads read any valid row; their values are zeroed below
         keep = mask[..., None].float()  # (B, K, 1)
@@ -395,6 +397,7 @@ class DecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(embed_dim)
         self.predict_action = nn.Linear(embed_dim, act_dim)
         # tanh head scaled to the action bounds, per dimension: a = center + half_range * tanh(.)
+        # Deviation: the official head is a plain tanh (right for MuJoCo's [-1, 1] bounds only); identical there.
         low, high = torch.as_tensor(action_low), torch.as_tensor(action_high)
         self.register_buffer("action_center", (high + low) / 2)
         self.register_buffer("action_half_range", (high - low) / 2)
@@ -496,6 +499,8 @@ def atomic_write(path: str, write):
     try:
         with open(temporary, "wb") as file:
             write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -518,7 +523,7 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
              f"load it with {script + '.py' if script else 'the script that wrote it'}")
-    needed = ("args", "model", "env_id", "state_mean", "state_std", "target_returns", "obs_dim", "act_dim")
+    needed = ("args", "model", "global_step", "env_id", "state_mean", "state_std", "target_returns", "obs_dim", "act_dim")
     if checkpoint.get("version") != CHECKPOINT_VERSION or any(key not in checkpoint for key in needed) \
             or any(key not in checkpoint["args"] for key in MODEL_KEYS):
         fail(f"checkpoint '{path}' has format version {checkpoint.get('version')} or lacks fields this script reads "

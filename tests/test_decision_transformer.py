@@ -12,7 +12,7 @@ import decision_transformer as dt
 from conftest import all_finite, only_run_dir, read_scalars, run_script
 
 SCRIPT = "decision_transformer.py"
-TINY = ["--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16", "--warmup-steps", "10",
+TINY = ["--no-cuda", "--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16", "--warmup-steps", "10",
         "--eval-episodes", "2", "--log-every", "20"]
 
 
@@ -263,6 +263,33 @@ def test_evaluation_feeds_return_to_go_minus_rewards_so_far_and_the_last_k_steps
             np.testing.assert_allclose(rtg[row, :, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(states[0, -1].numpy(), (observations[t] - mean) / std, rtol=1e-5, atol=1e-6)
         assert (actions[0, :-1] == 0.5).all()  # earlier actions are the ones taken
+
+
+class StatePolicy(torch.nn.Module):
+    """Acts a = clip(3 * theta_dot_normalised) from the state token: a policy that lets the pole fall at different
+    times in different episodes."""
+
+    def forward(self, states, actions, rtg, timesteps):
+        return (3.0 * states[..., 3:4]).clamp(-3.0, 3.0)
+
+
+def test_evaluation_ignores_rewards_after_an_episode_ends():
+    """Episodes that terminate early (InvertedPendulum-v5) score exactly what a single-env replay scores: the
+    vector env's autoreset steps after the end are not counted."""
+    returns = dt.evaluate(StatePolicy(), "InvertedPendulum-v5", [1000.0], 4, 7, np.zeros(4, np.float32),
+                          np.ones(4, np.float32), 1000.0, 5, 1000, torch.device("cpu"))[0]
+    env = gym.make("InvertedPendulum-v5")
+    replayed = []
+    for i in range(4):
+        obs, _ = env.reset(seed=7 + i)
+        total, done = 0.0, False
+        while not done:
+            action = np.clip(3.0 * np.float32(obs[3]), -3.0, 3.0)
+            obs, reward, terminated, truncated, _ = env.step(np.array([action], np.float32))
+            total, done = total + reward, terminated or truncated
+        replayed.append(total)
+    assert len(set(replayed)) > 1 and max(replayed) < 1000  # the episodes really end early, at different times
+    np.testing.assert_allclose(returns, replayed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
