@@ -162,7 +162,7 @@ ARCHITECTURE_KEYS = ("horizon", "n_diffusion_steps", "dim", "dim_mults", "kernel
 def validate_args(args: Args):
     """Reject nonsensical settings up front, with a one-line error."""
     positive = ["horizon", "n_diffusion_steps", "dim", "kernel_size", "inv_hidden_dim", "total_steps", "learning_rate",
-                "batch_size", "gradient_accumulate_every", "ema_every", "sampling_steps", "eval_every",
+                "batch_size", "gradient_accumulate_every", "ema_every", "eval_every",
                 "eval_episodes", "log_every", "discount"]
     for name in positive:
         if getattr(args, name) <= 0:
@@ -177,6 +177,9 @@ def validate_args(args: Args):
         fail(f"--kernel-size must be odd (same-length convolutions), got {args.kernel_size}")
     if args.horizon < 2:
         fail(f"--horizon must be >= 2 (the action needs s_t and s_t+1 from the plan), got {args.horizon}")
+    if args.sampling_steps < 2:
+        fail(f"--sampling-steps must be >= 2 (one DDIM step would denoise pure noise at k = 0), got "
+             f"{args.sampling_steps}")
     if args.sampler == "ddim" and args.sampling_steps > args.n_diffusion_steps:
         fail(f"--sampling-steps ({args.sampling_steps}) cannot exceed --n-diffusion-steps ({args.n_diffusion_steps})")
     if not 0.0 <= args.condition_dropout < 1.0:
@@ -215,48 +218,45 @@ def load_dataset(source: str, download: bool) -> dict:
     """Read a DATASET.md .npz, a D4RL .hdf5 or a Minari id into one dict of numpy arrays (see KEYS) plus `env_id` and
     `ref_scores` ((min, max) or None) and `ref_source`. Every failure is a one-line error."""
     lower = source.lower()
-    if lower.endswith(".npz") or lower.endswith(".hdf5") or lower.endswith(".h5") or os.path.exists(source):
-        if not os.path.isfile(source):
-            fail(f"dataset {source} not found; write one with `python sac_continuous.py --env-id Hopper-v5 "
-                 f"--export-replay {source}` or pass a Minari id such as mujoco/hopper/medium-v0")
-        if lower.endswith(".npz"):
-            try:
+    is_file = lower.endswith((".npz", ".hdf5", ".h5")) or os.path.exists(source)
+    if not os.path.isfile(source) and (is_file or "/" not in source):
+        fail(f"dataset {source} not found; write one with `python sac_continuous.py --env-id Hopper-v5 "
+             f"--export-replay {source}` or pass a Minari id such as mujoco/hopper/medium-v0")
+    if not is_file:
+        data = load_minari(source, download)
+    else:
+        if not lower.endswith((".npz", ".hdf5", ".h5")):
+            fail(f"dataset {source}: unknown format; give a .npz, a .hdf5 or a Minari id")
+        try:
+            if lower.endswith(".npz"):
                 with np.load(source, allow_pickle=False) as file:
                     raw = {key: file[key] for key in file.files}
-            except Exception as error:
-                fail(f"cannot read {source} ({type(error).__name__}); it is corrupt or not an .npz file")
-        elif lower.endswith((".hdf5", ".h5")):
-            try:
-                import h5py
-            except ImportError:
-                fail("reading a D4RL .hdf5 file needs h5py: pip install h5py")
-            try:
-                with h5py.File(source, "r") as file:
+            else:
+                try:
+                    import h5py
+                except ImportError:
+                    fail("reading a D4RL .hdf5 file needs h5py: pip install h5py")
+                with h5py.File(source, "r") as file:  # top-level datasets, then attributes (env_id may be one)
                     raw = {key: file[key][()] for key in file.keys() if isinstance(file[key], h5py.Dataset)}
-            except Exception as error:
-                fail(f"cannot read {source} ({type(error).__name__}); it is corrupt or not an HDF5 file")
-        else:
-            fail(f"dataset {source}: unknown format; give a .npz, a .hdf5 or a Minari id")
+                    raw.update({key: value for key, value in file.attrs.items() if key not in raw})
+        except Exception as error:
+            kind = "an .npz" if lower.endswith(".npz") else "an HDF5"
+            fail(f"cannot read {source} ({type(error).__name__}); it is corrupt or not {kind} file")
         missing = [key for key in KEYS if key not in raw]
         if missing:
             fail(f"dataset {source} lacks the keys {missing}; it needs {list(KEYS)} (DATASET.md layout)")
         data = {key: np.asarray(raw[key]) for key in KEYS}
-        env_id = str(raw["env_id"]) if "env_id" in raw else None
+        env_id = np.asarray(raw.get("env_id", "")).item()  # str, or bytes: h5py 3 reads string data as bytes
+        env_id = (env_id.decode() if isinstance(env_id, bytes) else str(env_id)) or None
         refs = (float(raw["ref_min_score"]), float(raw["ref_max_score"])) if "ref_min_score" in raw else None
         data.update(env_id=env_id, ref_scores=refs, ref_source="the dataset's own references" if refs else None)
-    elif "/" in source:
-        data = load_minari(source, download)
-    else:
-        fail(f"dataset {source} not found; write one with `python sac_continuous.py --env-id Hopper-v5 "
-             f"--export-replay {source}` or pass a Minari id such as mujoco/hopper/medium-v0")
     n = len(data["observations"])
     if n < 2 or data["observations"].ndim != 2 or data["actions"].ndim != 2 or any(
             len(data[key]) != n for key in KEYS):
         fail(f"dataset {source}: expected N >= 2 rows of 2-D observations/actions and N rewards/flags, got shapes "
              f"{ {key: data[key].shape for key in KEYS} }")
     for key in ("observations", "actions", "rewards", "next_observations"):
-        data[key] = data[key].astype(np.float32).reshape(n, -1) if key != "rewards" else \
-            data[key].astype(np.float32).reshape(n)
+        data[key] = data[key].astype(np.float32).reshape((n,) if key == "rewards" else (n, -1))
         if not np.all(np.isfinite(data[key])):
             fail(f"dataset {source}: {key} contains NaN or inf")
     data["terminals"], data["timeouts"] = data["terminals"].astype(bool), data["timeouts"].astype(bool)
@@ -276,7 +276,8 @@ def load_minari(dataset_id: str, download: bool) -> dict:
     try:
         dataset = minari.load_dataset(dataset_id, download=download)
     except Exception as error:
-        fail(f"cannot load Minari dataset {dataset_id} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+        first_line = (str(error).splitlines() or [""])[0]
+        fail(f"cannot load Minari dataset {dataset_id} ({type(error).__name__}: {first_line})")
     parts = {key: [] for key in KEYS}
     for episode in dataset.iterate_episodes():
         obs = np.asarray(episode.observations)
@@ -320,7 +321,9 @@ class Normalizer:
             knots = np.quantile(x.astype(np.float64), np.linspace(0.0, 1.0, n_knots), axis=0).T  # (D, K)
         else:
             knots = np.stack([x.min(0), x.max(0)], axis=1).astype(np.float64)  # (D, 2)
-        constant = knots[:, -1] - knots[:, 0] < 1e-6  # a constant dimension maps to 0
+        # Deviation: the released normaliser is the identity on a constant dimension c; we map c to 0 (x -> x - c,
+        # unnormalize y -> c + y) so every normalised dimension lies in [-1, 1] like the others.
+        constant = knots[:, -1] - knots[:, 0] < 1e-6
         knots[constant] = knots[constant, :1] + np.linspace(-1.0, 1.0, knots.shape[1])
         return Normalizer(torch.as_tensor(knots, dtype=torch.float32))
 
@@ -348,8 +351,9 @@ def returns_scaling(data: dict, args: Args) -> tuple[float, float, str]:
     """(offset, scale, description) of the conditioning target y = (R - offset) / scale."""
     if args.returns_scale is not None:
         return 0.0, args.returns_scale, f"--returns-scale {args.returns_scale:g}"
-    name = os.path.basename(args.dataset).lower().replace("_", "-")
-    for (task, level), scale in D4RL_RETURNS_SCALE.items():
+    name = args.dataset.lower().replace("_", "-")  # a file name or a Minari id such as mujoco/hopper/medium-v0
+    # "medium" is part of "medium-replay" and "medium-expert": try the longer level names first.
+    for (task, level), scale in sorted(D4RL_RETURNS_SCALE.items(), key=lambda item: -len(item[0][1])):
         if task in name and level in name:
             return 0.0, float(scale), f"{task}-{level} returns scale {scale} (released/reimplementation table)"
     # Deviation: for our own datasets the released code has no scale; map the data's discounted returns onto [0, 1]
@@ -362,6 +366,8 @@ class PlanWindows:
     """Every dataset row t starts a window s_t..s_{t+H-1} of its episode, on the device. Episodes are padded after
     their real final state s_T (the last next_observation), so windows near the end stay inside the episode.
     Deviation: the released code pads with zeros in raw units, a state that never occurs; we repeat s_T.
+    Deviation: the released code starts windows at t < min(T - 1, max_path_length - H) only; we keep s_T, so the last
+    row's window still holds a real transition, and we have no fixed-size episode buffer to stay inside.
     Actions are padded with zeros and masked out of the inverse dynamics loss."""
 
     def __init__(self, data, state_norm, action_norm, horizon, device):
@@ -642,6 +648,18 @@ def loss_fn(nets, schedule, states, actions, valid, returns, condition_dropout: 
     return 0.5 * (diffusion_loss + inv_loss), diffusion_loss.detach(), inv_loss.detach()
 
 
+@torch.no_grad()
+def update_ema(ema, model, step: int, args: Args):
+    """Every ema_every steps: a plain copy before ema_start, then theta_ema <- d theta_ema + (1 - d) theta."""
+    if step % args.ema_every:
+        return
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if step < args.ema_start:
+        torch._foreach_copy_(ema_params, params)
+    else:
+        torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)  # theta_ema + (1 - d) (theta - theta_ema)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
@@ -656,8 +674,10 @@ def make_eval_envs(env_id: str, episodes: int, obs_dim: int, act_dim: int, sourc
         fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
     except gym.error.Error as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
-    space, obs_space = single.action_space, single.observation_space
+    space, obs_space, spec = single.action_space, single.observation_space, single.spec
     single.close()
+    if spec is None or spec.max_episode_steps is None:
+        fail(f"{env_id} has no time limit; wrap it in gymnasium.wrappers.TimeLimit or pick an env with one")
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1 or not np.all(np.isfinite(space.low)):
         fail(f"{env_id} has actions {space}; this script needs a flat, bounded Box action space")
     if not isinstance(obs_space, gym.spaces.Box) or obs_space.shape != (obs_dim,) or space.shape != (act_dim,):
@@ -712,6 +732,8 @@ def atomic_write(path: str, write):
     try:
         with open(temporary, "wb") as file:
             write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the checkpoint
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -731,10 +753,15 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
              f"load it with {script + '.py' if script else 'the script that wrote it'}")
-    needed = ("args", "ema_model", "state_knots", "action_knots", "env_id", "obs_dim", "act_dim", "returns_offset")
-    if checkpoint.get("version") != CHECKPOINT_VERSION or any(key not in checkpoint for key in needed):
-        fail(f"checkpoint '{path}' has format version {checkpoint.get('version')} or lacks fields; this script reads "
-             f"version {CHECKPOINT_VERSION}: re-create it with this script's --save-model")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        fail(f"checkpoint '{path}' has format version {checkpoint.get('version')}; this script reads version "
+             f"{CHECKPOINT_VERSION}: re-create it with this script's --save-model")
+    needed = ("args", "model", "ema_model", "state_knots", "action_knots", "env_id", "obs_dim", "act_dim",
+              "returns_offset", "returns_scale", "ref_scores", "global_step")  # every field main() reads
+    missing = [key for key in needed if key not in checkpoint]
+    if missing or not isinstance(checkpoint["args"], dict):
+        fail(f"checkpoint '{path}' lacks the fields {missing or ['args']}: re-create it with this script's "
+             "--save-model")
     return checkpoint
 
 
@@ -793,7 +820,7 @@ def main(args: Args):
         try:
             nets.load_state_dict(checkpoint["model"])
             ema.load_state_dict(checkpoint["ema_model"])
-        except (KeyError, RuntimeError) as error:
+        except RuntimeError as error:
             fail(f"checkpoint '{args.eval_checkpoint}' does not match its own settings ({type(error).__name__}); "
                  "re-create it with --save-model")
         returns, ms = evaluate(ema, schedule, state_norm, action_norm, envs, args, target_return, device, guided)
@@ -820,7 +847,6 @@ def main(args: Args):
     print(f"run {run_name}: {env_id}, {len(data['rewards'])} transitions, obs {obs_dim}, actions {act_dim}, "
           f"U-Net {n_params / 1e6:.2f}M parameters, returns: {returns_text}, sampler {sampler_text}, device {device}")
     compute_loss = torch.compile(loss_fn) if args.compile else loss_fn
-    ema_params, params = list(ema.parameters()), list(nets.parameters())
 
     def save_model(step):
         state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args={k: v for k, v in asdict(args).items()},
@@ -856,13 +882,7 @@ def main(args: Args):
         loss.backward()
         optimizer.step()
         step = global_step + 1
-        # EMA every ema_every steps: a plain copy before ema_start, then theta_ema <- d theta_ema + (1 - d) theta.
-        if step % args.ema_every == 0:
-            with torch.no_grad():
-                if step < args.ema_start:
-                    torch._foreach_copy_(ema_params, params)
-                else:
-                    torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)
+        update_ema(ema, nets, step, args)
 
         # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
         if step % args.log_every == 0 or step == args.total_steps:

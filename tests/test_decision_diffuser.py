@@ -2,11 +2,14 @@
 U-Net, data handling, the CLI, learning on Pendulum-v1, checkpoints, determinism and bad input."""
 
 import glob
+import os
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from conftest import all_finite, evaluation_returns, only_run_dir, read_scalars, run_script
 
 import decision_diffuser as dd
@@ -54,7 +57,8 @@ def pendulum_dataset(path, n_good=10, n_noisy=10, n_random=10, seed=0) -> np.nda
 
 TINY = ["--horizon", "8", "--dim", "16", "--dim-mults", "1", "2", "--n-diffusion-steps", "10", "--batch-size", "16",
         "--gradient-accumulate-every", "2", "--ema-start", "10", "--ema-every", "5", "--sampler", "ddim",
-        "--sampling-steps", "4", "--eval-episodes", "2", "--inv-hidden-dim", "32", "--cdf-knots", "101"]
+        "--sampling-steps", "4", "--eval-episodes", "2", "--inv-hidden-dim", "32", "--cdf-knots", "101",
+        "--no-cuda"]  # CPU even on a CUDA machine: the determinism checks need it
 
 
 def tiny_args(dataset, **overrides) -> dd.Args:
@@ -264,6 +268,124 @@ def test_windows_pad_with_the_final_state_and_mask_padded_actions():
     np.testing.assert_allclose(windows.states[index][:, 0].numpy() * 10, [3, 4, 5, 5], rtol=1e-5)
 
 
+def test_returns_scaling_matches_the_whole_dataset_name(monkeypatch):
+    data = {"returns": np.array([-5.0, 15.0], np.float32)}
+
+    def scaling(dataset, **overrides):
+        return dd.returns_scaling(data, dd.Args(dataset=dataset, **overrides))[:2]
+
+    for table_order in ["as written", "reversed"]:  # "medium" must not win over "medium-expert" in either order
+        if table_order == "reversed":
+            monkeypatch.setattr(dd, "D4RL_RETURNS_SCALE", dict(reversed(dd.D4RL_RETURNS_SCALE.items())))
+        assert scaling("hopper-medium-expert-v2.hdf5") == (0.0, 400.0)
+        assert scaling("mujoco/hopper/medium-v0") == (0.0, 350.0)  # the task is in the Minari id's directory
+        assert scaling("data/walker2d_medium_replay.npz") == (0.0, 470.0)
+        assert scaling("data/pendulum.npz") == (-5.0, 20.0)  # unknown: the data's range mapped to [0, 1]
+        assert scaling("hopper-medium-expert-v2.hdf5", returns_scale=123.0) == (0.0, 123.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses, EMA, evaluation with early terminations
+# ----------------------------------------------------------------------------------------------------------------------
+def test_loss_fn_weights_index_zero_and_masks_padded_actions():
+    """Hand-built windows (row 0: two real actions then padding; row 1: all real), a fixed noise prediction and a
+    fixed inverse dynamics function: the diffusion loss ignores index 0, the inverse dynamics loss ignores padded
+    actions, and the total is 1/2 (diffusion + inverse dynamics)."""
+    torch.manual_seed(5)
+    schedule, (batch, horizon, obs_dim) = dd.CosineSchedule(10), (2, 4, 3)
+    states, actions = torch.rand(batch, horizon, obs_dim) * 2 - 1, torch.rand(batch, horizon, 1) * 2 - 1
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    returns, prediction = torch.rand(batch, 1), torch.randn(batch, horizon, obs_dim)
+
+    def inverse_dynamics(pairs):  # (B, H-1, 2 obs_dim) -> (B, H-1, 1)
+        return pairs.sum(-1, keepdim=True) / 10
+
+    def losses(prediction=prediction, actions=actions):
+        nets = SimpleNamespace(unet=lambda x, k, y, keep: prediction, inverse_dynamics=inverse_dynamics)
+        torch.manual_seed(0)  # the same k and noise every call
+        return dd.loss_fn(nets, schedule, states, actions, valid, returns, 0.25)
+
+    total, diffusion, inverse = losses()
+    torch.manual_seed(0)
+    torch.randint(0, 10, (batch,))  # k, drawn first by loss_fn
+    noise = torch.randn(batch, horizon, obs_dim)
+    torch.testing.assert_close(diffusion, ((prediction - noise)[:, 1:] ** 2).sum() / prediction.numel())
+    real = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]  # (row, t) of real pairs (s_t, s_t+1) with action a_t
+    errors = [(inverse_dynamics(torch.cat([states[b, t], states[b, t + 1]]))[0] - actions[b, t, 0]) ** 2
+              for b, t in real]
+    torch.testing.assert_close(inverse, torch.stack(errors).mean())
+    torch.testing.assert_close(total, 0.5 * (diffusion + inverse))
+    changed = prediction.clone()
+    changed[:, 0] += 5.0
+    assert torch.equal(losses(prediction=changed)[1], diffusion)  # index 0 has weight 0
+    changed[:, 1] += 5.0
+    assert not torch.equal(losses(prediction=changed)[1], diffusion)
+    padded = actions.clone()
+    padded[0, 2:] += 5.0
+    padded[1, 3] += 5.0  # the last index starts no pair
+    assert torch.equal(losses(actions=padded)[2], inverse)
+    padded[0, 1] += 5.0
+    assert not torch.equal(losses(actions=padded)[2], inverse)
+
+
+def test_ema_is_a_copy_before_ema_start_then_an_exponential_average():
+    args = dd.Args(ema_every=5, ema_start=10, ema_decay=0.9)
+    torch.manual_seed(0)
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    dd.update_ema(ema, model, 5, args)
+    assert all(torch.equal(p, q) for p, q in zip(ema.parameters(), model.parameters()))  # an exact copy
+    previous = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q))
+    dd.update_ema(ema, model, 9, args)  # not a multiple of ema_every: unchanged
+    assert all(torch.equal(p, old) for p, old in zip(ema.parameters(), previous))
+    dd.update_ema(ema, model, 10, args)  # theta_ema <- d theta_ema + (1 - d) theta
+    for p, old, q in zip(ema.parameters(), previous, model.parameters()):
+        torch.testing.assert_close(p, 0.9 * old + 0.1 * q, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(p, q)
+
+
+def test_evaluation_ignores_envs_that_finished(monkeypatch):
+    """InvertedPendulum-v5 ends when the pole falls, at a different step in each env. With a stub plan (the current
+    state twice) and a stub inverse dynamics (push the way the pole leans), each env's return in the batched
+    evaluation must equal a single-env replay from the same seed: finished envs' steps are not counted."""
+    state_norm = dd.Normalizer(torch.tensor([[-100.0, 100.0]] * 4))  # x -> x / 100
+    action_norm = dd.Normalizer(torch.tensor([[-3.0, 3.0]]))  # y -> 3 y
+
+    def inverse_dynamics(pair):  # (E, 2 obs_dim) normalised -> (E, 1) normalised action, elementwise in the batch
+        return torch.tanh(2000.0 * pair[:, 1:2]) / 3
+
+    def stub_plan(nets, schedule, state, returns, args, guided, generator):
+        return torch.stack([state, state], dim=1)  # (E, 2, obs_dim)
+
+    args, nets = dd.Args(seed=3, eval_episodes=4, cuda=False), SimpleNamespace(inverse_dynamics=inverse_dynamics)
+    monkeypatch.setattr(dd, "plan", stub_plan)
+    envs = dd.make_eval_envs("InvertedPendulum-v5", 4, 4, 1, "test")
+    returns, _ = dd.evaluate(nets, None, state_norm, action_norm, envs, args, 0.9, torch.device("cpu"))
+    envs.close()
+    replayed = []
+    for i in range(4):
+        env, total, done = gym.make("InvertedPendulum-v5"), 0.0, False
+        obs, _ = env.reset(seed=args.seed + 10_000 + i)
+        while not done:
+            state = state_norm.normalize(torch.as_tensor(obs[None], dtype=torch.float32))
+            action = action_norm.unnormalize(inverse_dynamics(torch.cat([state, state], -1))).numpy()[0]
+            obs, reward, terminated, truncated, _ = env.step(np.clip(action, -3.0, 3.0))
+            total, done = total + reward, terminated or truncated
+        replayed.append(total)
+    assert len(set(replayed)) > 1 and max(replayed) < 1000, replayed  # episodes ended early, at different steps
+    np.testing.assert_array_equal(returns, replayed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DD_COMPILE_TESTS"), reason="torch.compile takes minutes on a small CPU; "
+                    "set DD_COMPILE_TESTS=1")
+def test_compile_smoke_run(in_tmp, small_dataset):
+    returns = dd.main(tiny_args(small_dataset, compile=True, total_steps=3, log_every=1, eval_episodes=1))
+    assert np.all(np.isfinite(returns))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line, checkpoints, determinism
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,19 +429,24 @@ def test_cli_eval_checkpoint_with_another_sampler(tmp_path, small_dataset):
                cwd=str(tmp_path))
     checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "decision_diffuser.pt"))[0]
     result = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--sampler", "ddpm", "--eval-episodes", "2",
-                        cwd=str(tmp_path))
+                        "--no-cuda", cwd=str(tmp_path))
     assert "DDPM 10 steps" in result.stdout and "final evaluation:" in result.stdout
 
 
-def test_hdf5_and_npz_give_the_same_arrays(tmp_path, small_dataset):
+@pytest.mark.parametrize("env_id_as", ["attribute", "dataset"])
+def test_hdf5_and_npz_give_the_same_arrays(tmp_path, small_dataset, env_id_as):
     h5py = pytest.importorskip("h5py")
     with np.load(small_dataset) as file, h5py.File(tmp_path / "d.hdf5", "w") as out:
         for key in dd.KEYS:
             out[key] = file[key].astype(np.float64) if file[key].dtype == np.float32 else file[key]
+        if env_id_as == "attribute":
+            out.attrs["env_id"] = "Pendulum-v1"
+        else:
+            out["env_id"] = "Pendulum-v1"  # h5py 3 reads a string dataset back as bytes
     a, b = dd.load_dataset(str(small_dataset), False), dd.load_dataset(str(tmp_path / "d.hdf5"), False)
     for key in dd.KEYS:
         np.testing.assert_array_equal(a[key], b[key])
-    assert a["env_id"] == "Pendulum-v1" and b["env_id"] is None  # the .hdf5 needs --env-id
+    assert a["env_id"] == "Pendulum-v1" and b["env_id"] == "Pendulum-v1"
 
 
 def test_minari_dataset_reads_like_the_npz(tmp_path, small_dataset, monkeypatch):
@@ -350,7 +477,8 @@ def test_minari_dataset_reads_like_the_npz(tmp_path, small_dataset, monkeypatch)
 # The small configuration (README): trains in about 75 s on one CPU thread.
 SMALL_CONFIG = ["--horizon", "16", "--dim", "32", "--dim-mults", "1", "2", "--n-diffusion-steps", "20",
                 "--total-steps", "2000", "--batch-size", "64", "--gradient-accumulate-every", "1", "--ema-start", "500",
-                "--learning-rate", "1e-3", "--normalizer", "limits", "--sampler", "ddim", "--sampling-steps", "10"]
+                "--learning-rate", "1e-3", "--normalizer", "limits", "--sampler", "ddim", "--sampling-steps", "10",
+                "--no-cuda"]
 
 
 def test_learns_pendulum_above_the_dataset_mean(tmp_path):
@@ -364,7 +492,7 @@ def test_learns_pendulum_above_the_dataset_mean(tmp_path):
     final = evaluation_returns(result.stdout)[-1]
     checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "decision_diffuser.pt"))[0]
     low = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--test-return", "0.1", "--sampler", "ddim",
-                     "--sampling-steps", "10", cwd=str(tmp_path))
+                     "--sampling-steps", "10", "--no-cuda", cwd=str(tmp_path))
     low_return = float(low.stdout.split("final evaluation: ")[1].split(" +-")[0])
     print(f"dataset mean {episode_returns.mean():.1f}, decision diffuser {final:.1f}, asked for a low return "
           f"{low_return:.1f}")
@@ -386,10 +514,11 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_cli_errors_are_one_line(tmp_path, small_dataset):
-    assert_one_line_error(run_script(SCRIPT, "--dataset", "data/missing.npz", cwd=str(tmp_path), check=False),
+    assert_one_line_error(run_script(SCRIPT, "--dataset", "data/missing.npz", "--no-cuda", cwd=str(tmp_path),
+                                     check=False),
                           "data/missing.npz not found", "--export-replay", "mujoco/hopper/medium-v0")
-    assert_one_line_error(run_script(SCRIPT, "--dataset", str(small_dataset), "--horizon", "30", cwd=str(tmp_path),
-                                     check=False), "--horizon 30", "valid horizons")
+    assert_one_line_error(run_script(SCRIPT, "--dataset", str(small_dataset), "--horizon", "30", "--no-cuda",
+                                     cwd=str(tmp_path), check=False), "--horizon 30", "valid horizons")
 
 
 def write_npz(path, drop=(), **changes):
@@ -405,6 +534,9 @@ def test_bad_input_fails_with_one_line(in_tmp, small_dataset):
     write_npz(in_tmp / "noenv.npz", drop=("env_id",), source=small_dataset)
     torch.save({"script": "sac_continuous", "version": 1}, in_tmp / "sac.pt")
     (in_tmp / "corrupt.pt").write_bytes(b"not a checkpoint")
+    torch.save({"script": "decision_diffuser", "version": 1, "args": {}}, in_tmp / "partial.pt")
+    if "NoTimeLimitPendulum-v0" not in gym.registry:  # an env that never truncates
+        gym.register("NoTimeLimitPendulum-v0", entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv")
     cases = [
         (tiny_args("corrupt.npz"), "corrupt"),
         (tiny_args("nokeys.npz"), "lacks the keys ['rewards', 'timeouts']"),
@@ -416,12 +548,15 @@ def test_bad_input_fails_with_one_line(in_tmp, small_dataset):
         (tiny_args(small_dataset, horizon=10, dim_mults=(1, 2, 4)), "valid horizons are 4, 8, 12"),
         (tiny_args(small_dataset, dim=12), "--dim must be a multiple of 8"),
         (tiny_args(small_dataset, sampling_steps=11), "--sampling-steps (11) cannot exceed"),
+        (tiny_args(small_dataset, sampling_steps=1), "--sampling-steps must be >= 2"),
+        (tiny_args(small_dataset, env_id="NoTimeLimitPendulum-v0"), "has no time limit"),
         (tiny_args(small_dataset, condition_dropout=1.0), "--condition-dropout"),
         (tiny_args(small_dataset, batch_size=0), "--batch-size must be > 0"),
         (tiny_args(small_dataset, seed=-1), "--seed"),
         (dd.Args(eval_checkpoint="missing.pt"), "does not exist"),
         (dd.Args(eval_checkpoint="sac.pt"), "written by sac_continuous, not decision_diffuser.py"),
         (dd.Args(eval_checkpoint="corrupt.pt"), "corrupt"),
+        (dd.Args(eval_checkpoint="partial.pt"), "lacks the fields ['model', 'ema_model', 'state_knots'"),
         (tiny_args("no/such/minari-v0"), "--download-dataset"),
     ]
     for args, fragment in cases:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Offline learning evidence on a CPU: a HalfCheetah-v5 dataset written by our own SAC, then the Decision Transformer
+# and the Decision Diffuser (small configuration) trained on it. One torch thread per job (the RESULTS.md runs
+# shared the 2 cores with other jobs). Logs: benchmarks/logs/; datasets: benchmarks/data/ (not committed).
+# Usage: bash benchmarks/offline.sh [data|dt|dd|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+export OMP_NUM_THREADS=1
+replay=benchmarks/data/halfcheetah_sac_replay_100k.npz
+
+if [[ $what == data || $what == all ]]; then
+  # 100k SAC steps: every transition ("medium-replay" style: returns from about -380 to 5230), and 100k steps of
+  # the final stochastic policy ("medium" style, returns about 5100).
+  python sac_continuous.py --env-id HalfCheetah-v5 --seed 1 --total-timesteps 100000 --eval-every 20000 \
+    --eval-episodes 5 --log-every 10000 --export-replay "$replay" \
+    --export-rollouts benchmarks/data/halfcheetah_sac_medium_100k.npz --export-rollout-steps 100000 \
+    > benchmarks/logs/sac_halfcheetah_dataset_seed1.log 2>&1
+fi
+if [[ $what == dt || $what == all ]]; then
+  # The official model (K = 20, 128 dims, 3 layers, 1 head, dropout 0.1) on a CPU budget: 8000 steps of batch 32 at
+  # lr 3e-4 with 800 warm-up steps (official: 100k steps of batch 64 at lr 1e-4 with 10k warm-up), official
+  # halfcheetah targets 12000 and 6000, 10 evaluation episodes per target (official: 100).
+  python decision_transformer.py --dataset "$replay" --total-steps 8000 --batch-size 32 --warmup-steps 800 \
+    --learning-rate 3e-4 --eval-every 4000 --eval-episodes 10 --log-every 500 --save-model \
+    > benchmarks/logs/dt_halfcheetah_replay_seed1.log 2>&1
+fi
+if [[ $what == dd || $what == all ]]; then
+  # The small configuration of the README (horizon 16, a 0.27M-parameter U-Net, 20 diffusion steps, DDIM with 10
+  # steps at evaluation), 10k steps.
+  python decision_diffuser.py --dataset "$replay" --horizon 16 --dim 32 --dim-mults 1 2 --n-diffusion-steps 20 \
+    --total-steps 10000 --batch-size 64 --gradient-accumulate-every 1 --ema-start 500 --learning-rate 1e-3 \
+    --normalizer limits --sampler ddim --sampling-steps 10 --eval-every 5000 --eval-episodes 10 --log-every 1000 \
+    --save-model > benchmarks/logs/dd_halfcheetah_replay_seed1.log 2>&1
+fi
+grep -H "final evaluation" benchmarks/logs/{dt,dd}_halfcheetah_replay_seed1.log 2>/dev/null || true
