@@ -399,6 +399,16 @@ def test_checkpoint_round_trip_and_determinism(in_tmp, pendulum_data):
     assert state["state_mean"].shape == (3,) and state["target_returns"] == [-200.0]
 
 
+def test_compile_trains_and_evaluates(in_tmp, pendulum_data):
+    """--compile wraps the training loss in torch.compile; evaluation stays eager (its sequence length grows)."""
+    path, _ = pendulum_data
+    result = run_script(SCRIPT, "--dataset", path, "--total-steps", "10", "--eval-every", "1000", "--compile",
+                        "--target-returns", "-200", *TINY[:-2], "--log-every", "10", "--eval-episodes", "1",
+                        cwd=in_tmp)
+    scalars = read_scalars(only_run_dir(in_tmp))
+    assert all_finite(v for _, v in scalars["losses/action_mse"]) and "final evaluation" in result.stdout
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, no traceback
 # ----------------------------------------------------------------------------------------------------------------------
