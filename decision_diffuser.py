@@ -20,8 +20,9 @@ skill conditioning, warm-starting plans from the previous step (appendix E).
 Checked against: anuragajay/decision-diffuser (the authors' code, `code/diffuser`, config/locomotion_config.py);
 defaults follow the released code, the paper's values are reachable by flags. Departures are marked `# Deviation:`.
 
-Commands (the first is the small configuration: about 90 s on one CPU thread; write data/pendulum.npz with
-`pendulum_dataset()` of tests/test_decision_diffuser.py, or use any DATASET.md .npz):
+Commands (the first is the small configuration for Pendulum: about 2 minutes on one CPU thread; any DATASET.md .npz
+works, and `python benchmarks/diffuser_sampling.py --dataset data/pendulum.npz --make-pendulum-dataset` writes the
+tests' Pendulum set; benchmarks/offline.sh has the HalfCheetah configuration):
     python decision_diffuser.py --dataset data/pendulum.npz --horizon 16 --dim 32 --dim-mults 1 2 \
         --n-diffusion-steps 20 --total-steps 2000 --batch-size 64 --gradient-accumulate-every 1 --ema-start 500 \
         --learning-rate 1e-3 --normalizer limits --sampler ddim --sampling-steps 10 --save-model
@@ -414,7 +415,8 @@ def discounted_returns(data, gamma: float, termination_penalty: float) -> np.nda
 # Networks: the temporal U-Net epsilon_theta(x_k, y, k) and the inverse dynamics model f_phi(s_t, s_t+1)
 # ----------------------------------------------------------------------------------------------------------------------
 class SinusoidalEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of the diffusion step k: [sin(k w_i), cos(k w_i)], w_i = 10000^(-i/(d/2-1))."""
+    """Transformer-style sinusoidal embedding of the diffusion step k: [sin(k w_i), cos(k w_i)],
+    w_i = 10000^(-i/(d/2-1))."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -717,11 +719,16 @@ def evaluate(nets, schedule, state_norm, action_norm, envs, args: Args, target_r
     return returns, 1000.0 * plan_time / max(plan_calls, 1)
 
 
+def normalized_score(mean_return: float, refs) -> float:
+    """DATASET.md: 100 (R - ref_min) / (ref_max - ref_min)."""
+    return 100.0 * (mean_return - refs[0]) / (refs[1] - refs[0])
+
+
 def describe_returns(returns: np.ndarray, refs) -> str:
     text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
     if refs is None:
         return f"{text} (raw returns: no reference scores)"
-    return f"{text} (normalized score {100.0 * (returns.mean() - refs[0]) / (refs[1] - refs[0]):.1f}, {refs[2]})"
+    return f"{text} (normalized score {normalized_score(returns.mean(), refs):.1f}, {refs[2]})"
 
 
 def atomic_write(path: str, write):
@@ -814,7 +821,8 @@ def main(args: Args):
     guided = torch.compile(guided_epsilon) if args.compile else guided_epsilon
     target_return = args.test_return  # y at evaluation, already in scaled units
     sampler_text = (f"DDPM {args.n_diffusion_steps} steps" if args.sampler == "ddpm" else
-                    f"DDIM {len(ddim_timesteps(args.n_diffusion_steps, args.sampling_steps))} steps (eta {args.ddim_eta:g})")
+                    f"DDIM {len(ddim_timesteps(args.n_diffusion_steps, args.sampling_steps))} steps "
+                    f"(eta {args.ddim_eta:g})")
 
     if checkpoint is not None:  # evaluation-only mode
         try:
@@ -862,7 +870,7 @@ def main(args: Args):
         writer.add_scalar("eval/episodic_return", returns.mean(), step)
         writer.add_scalar("eval/ms_per_plan", ms, step)
         if refs is not None:
-            writer.add_scalar("eval/normalized_score", 100.0 * (returns.mean() - refs[0]) / (refs[1] - refs[0]), step)
+            writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), refs), step)
         print(f"eval at step {step}: {describe_returns(returns, refs)} [{sampler_text}, {ms:.1f} ms per plan]",
               flush=True)
         if args.save_model:

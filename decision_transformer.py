@@ -5,10 +5,11 @@ Paper: L. Chen, K. Lu, A. Rajeswaran, K. Lee, A. Grover, M. Laskin, P. Abbeel, A
 
 What this file implements, in the paper's terms:
   * Section 3 / Algorithm 1: trajectories as sequences (R_1, s_1, a_1, R_2, s_2, a_2, ...) of returns-to-go
-    R_t = sum_{t' >= t} r_t' (undiscounted, Eq. in Section 3.1), states and actions; a linear embedding per modality
-    plus a learned embedding of the timestep added to all three tokens; a causal GPT that predicts a_t from the
-    hidden state of the s_t token; mean-squared error on actions only.
-  * Evaluation (Section 3.2): condition on a target return R_1, then after each step R_{t+1} = R_t - r_t.
+    R_t = sum_{t' >= t} r_t' (undiscounted; Section 3, "Trajectory representation"), states and actions; a linear
+    embedding per modality plus a learned embedding of the timestep added to all three tokens; a causal GPT that
+    predicts a_t from the hidden state of the s_t token; mean-squared error on actions only.
+  * Evaluation (Section 3, "Trajectory representation", and Algorithm 1): condition on a target return R_1, then
+    after each step R_{t+1} = R_t - r_t ("decrement the target return by the achieved reward").
   * The official gym settings (kzl/decision-transformer, gym/experiment.py): K = 20, 128 dims, 3 layers, 1 head,
     dropout 0.1, AdamW 1e-4 with weight decay 1e-4, 10k linear warm-up steps, gradient-norm clip 0.25, batch 64,
     100k steps, returns-to-go divided by 1000, states normalised by the dataset's mean and std, trajectories sampled
@@ -274,7 +275,7 @@ def episode_bounds(data: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def returns_to_go(rewards: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """R_t = sum_{t'=t}^{T} r_t' within each episode (Section 3.1: undiscounted, reset at episode boundaries)."""
+    """R_t = sum_{t'=t}^{T} r_t' within each episode (Section 3: undiscounted; reset at episode boundaries)."""
     rtg = np.zeros_like(rewards, dtype=np.float64)
     for start, end in zip(starts, ends):
         rtg[start:end] = np.cumsum(rewards[start:end][::-1], dtype=np.float64)[::-1]
@@ -286,7 +287,7 @@ class SequenceBuffer:
 
     Official sampling: pick an episode with probability proportional to its length, then a start uniformly inside
     it. Together that is a uniform draw over all N rows, which is what `sample` does. A window that runs past its
-    episode's end is cut there and padded on the right (mask 0)."""
+    episode's end is cut there and padded on the right (mask 0, left out of the loss)."""
 
     def __init__(self, data: dict, state_mean: np.ndarray, state_std: np.ndarray, reward_scale: float,
                  max_ep_len: int, device: torch.device):
@@ -312,10 +313,9 @@ class SequenceBuffer:
         # Deviation: right padding (the official code pads on the left, with different pad values in training and
         # evaluation); under the causal mask no real token can see a pad, so pad values cannot matter.
         mask = rows < self.episode_end[first][:, None]  # (B, K) True on real steps, False on right padding
-        rows = torch.where(mask, rows, first[:, None])  # pads read any valid row; their values are zeroed below
-        keep = mask[..., None].float()  # (B, K, 1)
-        return (self.states[rows] * keep, self.actions[rows] * keep, self.returns_to_go[rows][..., None] * keep,
-                self.timesteps[rows] * mask, mask)
+        # Pads repeat the window's first row: any valid value does, since no real token can attend to a pad.
+        rows = torch.where(mask, rows, first[:, None])
+        return self.states[rows], self.actions[rows], self.returns_to_go[rows][..., None], self.timesteps[rows], mask
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ class DecisionTransformer(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, embed_dim: int, n_layers: int,
                  n_heads: int, dropout: float, max_ep_len: int):
         super().__init__()
-        # Separate linear embeddings per modality, and a learned embedding of the timestep (Section 3.1).
+        # Separate linear embeddings per modality, and a learned embedding of the timestep (Section 3, "Architecture").
         self.embed_timestep = nn.Embedding(max_ep_len, embed_dim)
         self.embed_return = nn.Linear(1, embed_dim)
         self.embed_state = nn.Linear(obs_dim, embed_dim)
@@ -430,7 +430,8 @@ class DecisionTransformer(nn.Module):
 
 
 def action_loss(model, states, actions, returns_to_go, timesteps, mask):
-    """Mean-squared error on actions, over real (unpadded) steps only (Section 3.1: MSE for continuous actions)."""
+    """Mean-squared error on actions, over real (unpadded) steps only (Section 3, "Training", and Algorithm 1: MSE
+    for continuous actions)."""
     predicted = model(states, actions, returns_to_go, timesteps)  # (B, K, act_dim)
     squared_error = ((predicted - actions) ** 2).mean(dim=-1)  # (B, K)
     return (squared_error * mask).sum() / mask.sum()
@@ -458,7 +459,7 @@ def evaluate(model: DecisionTransformer, env_id: str, target_returns: list[float
     actions = torch.zeros(n_envs, max_steps, act_dim, device=device)
     rtg = torch.zeros(n_envs, max_steps, 1, device=device)
     timesteps = torch.arange(max_steps, device=device).expand(n_envs, max_steps)
-    # R_1 = the target return (Section 3.2), scaled as in training.
+    # R_1 = the target return (Section 3), scaled as in training.
     rtg[:, 0, 0] = torch.tensor(target_returns, device=device).repeat_interleave(episodes) / reward_scale
     returns = np.zeros(n_envs)
     active = np.ones(n_envs, dtype=bool)
@@ -473,8 +474,9 @@ def evaluate(model: DecisionTransformer, env_id: str, target_returns: list[float
         env_actions[active] = np.clip(predicted.cpu().numpy(), low, high)
         obs, rewards, terminated, truncated, _ = envs.step(env_actions)
         returns[active] += rewards[active]
-        if t + 1 < max_steps:  # R_{t+1} = R_t - r_t (Section 3.2)
-            rtg[:, t + 1, 0] = rtg[:, t, 0] - torch.as_tensor(rewards, dtype=torch.float32, device=device) / reward_scale
+        if t + 1 < max_steps:  # R_{t+1} = R_t - r_t (Section 3, Algorithm 1)
+            scaled_rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device) / reward_scale
+            rtg[:, t + 1, 0] = rtg[:, t, 0] - scaled_rewards
         active &= ~(terminated | truncated)  # a finished episode is not stepped by us again (its env autoresets)
         if not active.any():
             break
@@ -483,12 +485,16 @@ def evaluate(model: DecisionTransformer, env_id: str, target_returns: list[float
     return returns.reshape(len(target_returns), episodes)
 
 
+def normalized_score(mean_return: float, ref_scores) -> float:
+    """DATASET.md: 100 (R - ref_min) / (ref_max - ref_min)."""
+    return 100.0 * (mean_return - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+
+
 def describe_returns(returns: np.ndarray, ref_scores) -> str:
     text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
     if ref_scores is None:
         return text
-    score = 100.0 * (returns.mean() - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
-    return f"{text} (normalized score {score:.1f}, {ref_scores[2]})"
+    return f"{text} (normalized score {normalized_score(returns.mean(), ref_scores):.1f}, {ref_scores[2]})"
 
 
 def atomic_write(path: str, write):
@@ -523,7 +529,8 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         fail(f"checkpoint '{path}' was written by {script or 'another program'}, not {SCRIPT}.py; "
              f"load it with {script + '.py' if script else 'the script that wrote it'}")
-    needed = ("args", "model", "global_step", "env_id", "state_mean", "state_std", "target_returns", "obs_dim", "act_dim")
+    needed = ("args", "model", "global_step", "env_id", "state_mean", "state_std", "target_returns", "obs_dim",
+              "act_dim")
     if checkpoint.get("version") != CHECKPOINT_VERSION or any(key not in checkpoint for key in needed) \
             or any(key not in checkpoint["args"] for key in MODEL_KEYS):
         fail(f"checkpoint '{path}' has format version {checkpoint.get('version')} or lacks fields this script reads "
@@ -628,8 +635,8 @@ def main(args: Args):
         for target, target_returns_ in zip(target_returns, returns):
             writer.add_scalar(f"eval/return_target_{target:g}", target_returns_.mean(), step)
             if ref_scores is not None:
-                score = 100.0 * (target_returns_.mean() - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
-                writer.add_scalar(f"eval/normalized_score_target_{target:g}", score, step)
+                writer.add_scalar(f"eval/normalized_score_target_{target:g}",
+                                  normalized_score(target_returns_.mean(), ref_scores), step)
             print(f"eval at step {step} (target {target:g}): {describe_returns(target_returns_, ref_scores)}")
         if args.save_model:
             save_model(step)

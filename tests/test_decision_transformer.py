@@ -112,7 +112,6 @@ def test_sequence_buffer_windows_stay_in_their_episode_and_scale_returns_to_go()
             np.testing.assert_allclose(actions[b, k].numpy(), data["actions"][first + k], rtol=1e-6)
             np.testing.assert_allclose(rtg[b, k, 0].item(), expected_rtg[first + k], rtol=1e-5)
             assert timesteps[b, k].item() == first + k - starts[episode]
-        assert not states[b, real:].any() and not actions[b, real:].any()  # right padding is zero
     # Starts are uniform over rows (= episodes in proportion to their length, then a uniform start).
     counts = np.bincount(first_rows, minlength=n)
     assert (counts > 0).sum() > n // 2
@@ -353,6 +352,22 @@ def test_cli_trains_evaluates_and_logs_finite_metrics(in_tmp, pendulum_data):
     assert lr[20] == pytest.approx(1e-4) and lr[60] == pytest.approx(1e-4)  # warm-up of 10 steps is over
     assert "final evaluation (target -150)" in result.stdout and "step 60/60" in result.stdout
     assert "normalized" not in result.stdout  # Pendulum has no reference scores
+
+
+def test_normalized_score_uses_the_files_references(in_tmp, pendulum_data):
+    """A file's own ref_min_score / ref_max_score give 100 (R - min) / (max - min), logged per target and printed."""
+    _, data = pendulum_data
+    arrays = {key: data[key] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    np.savez("with_refs.npz", **arrays, env_id=np.array("Pendulum-v1"), ref_min_score=np.array(-1500.0),
+             ref_max_score=np.array(0.0))
+    result = run_script(SCRIPT, "--dataset", "with_refs.npz", "--total-steps", "10", "--eval-every", "1000",
+                        "--target-returns", "-150", *TINY[:-2], "--log-every", "10", cwd=in_tmp)
+    line = [line for line in result.stdout.splitlines() if line.startswith("final evaluation (target -150)")][0]
+    mean = float(line.split(": ")[1].split(" +-")[0])
+    assert "the dataset file's references" in line
+    assert f"normalized score {100.0 * (mean + 1500.0) / 1500.0:.1f}" in line
+    logged = dict(read_scalars(only_run_dir(in_tmp))["eval/normalized_score_target_-150"])[10]
+    assert logged == pytest.approx(100.0 * (mean + 1500.0) / 1500.0, abs=0.06)
 
 
 def test_learning_rate_warms_up_linearly(in_tmp, pendulum_data):
