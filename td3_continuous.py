@@ -40,7 +40,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = "td3_continuous"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 def fail(message: str):
@@ -260,28 +260,32 @@ class TwinQNetwork(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_q: int = 2):
         super().__init__()
-        sizes = [obs_dim + act_dim, hidden_dim, hidden_dim, 1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+
+        def stacked_linear(fan_in: int, fan_out: int):  # weight (num_q, fan_in, fan_out), bias (num_q, 1, fan_out)
             bound = 1.0 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+            return (nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)),
+                    nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+        self.w1, self.b1 = stacked_linear(obs_dim + act_dim, hidden_dim)
+        self.w2, self.b2 = stacked_linear(hidden_dim, hidden_dim)
+        self.w3, self.b3 = stacked_linear(hidden_dim, 1)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False,
                 first_only: bool = False) -> torch.Tensor:
         """Q_i(s, a) for i = 1, 2 as a (2, B) tensor (or Q_1 alone, (1, B), with first_only). With detach_params,
         gradients reach the actions only (used by the actor loss, which must not train the critics)."""
-        num_q = 1 if first_only else len(self.weights[0])
-        x = torch.cat([obs, actions], dim=-1)  # (B, obs_dim + act_dim)
-        x = x.unsqueeze(0).expand(num_q, -1, -1)  # (num_q, B, obs_dim + act_dim)
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            weight, bias = weight[:num_q], bias[:num_q]
-            if detach_params:
-                weight, bias = weight.detach(), bias.detach()
-            x = torch.baddbmm(bias, x, weight)  # (num_q, B, fan_out) = bias + x @ weight
-            if layer < len(self.weights) - 1:
-                x = F.relu(x)
-        return x.squeeze(-1)  # (num_q, B)
+        params = (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
+        if first_only:  # slice only here: slicing the full stack would cost a zero-filled copy in the backward
+            params = tuple(param[:1] for param in params)
+        if detach_params:
+            params = tuple(param.detach() for param in params)
+        w1, b1, w2, b2, w3, b3 = params
+        x = torch.cat([obs, actions], dim=-1).expand(len(w1), -1, -1)  # (num_q, B, obs_dim + act_dim), no copy
+        # Each layer is bias + x @ weight for the critics at once. ReLU works in place (relu_): the matmul's
+        # backward needs its inputs, not its output, so overwriting the output is safe and saves an allocation.
+        x = torch.baddbmm(b1, x, w1).relu_()  # (num_q, B, hidden_dim)
+        x = torch.baddbmm(b2, x, w2).relu_()  # (num_q, B, hidden_dim)
+        return torch.baddbmm(b3, x, w3).squeeze(-1)  # (num_q, B)
 
 
 class Actor(nn.Module):
@@ -290,8 +294,10 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
+        # ReLU in place: a Linear's backward needs its input, not its output, so the output can be overwritten.
         self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(obs_dim, hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, act_dim), nn.Tanh(),
         )
 
@@ -323,14 +329,14 @@ def critic_loss_fn(qf, qf_target, actor_target, obs, actions, rewards, terminati
                    noise_clip):
     """Algorithm 1: y = r + gamma (1 - terminated) min_i Q_theta'_i(s', a~) (Eq. 10, clipped double Q, with the
     smoothed target action a~), and the critic loss sum_i N^-1 sum (y - Q_theta_i(s, a))^2. Terminations stop the
-    bootstrap; time-limit truncations do not. Returns the loss, per-critic losses and mean Q values."""
+    bootstrap; time-limit truncations do not. Returns the loss, per-critic losses and the Q values (detached)."""
     with torch.no_grad():
         next_actions = smoothed_target_actions(actor_target, next_obs, policy_noise, noise_clip)
         next_q = qf_target(next_obs, next_actions).min(dim=0).values  # (B,) min over the twin target critics
         target = rewards.squeeze(-1) + gamma * (1.0 - terminations.squeeze(-1)) * next_q  # (B,)
     q_values = qf(obs, actions)  # (2, B)
     qf_losses = (q_values - target).pow(2).mean(dim=1)  # (2,) one MSE per critic, as sfujim/TD3 (no 1/2 factor)
-    return qf_losses.sum(), qf_losses.detach(), q_values.mean(dim=1).detach()
+    return qf_losses.sum(), qf_losses.detach(), q_values.detach()
 
 
 def actor_loss_fn(actor, qf, obs):
@@ -340,10 +346,11 @@ def actor_loss_fn(actor, qf, obs):
     return -qf(obs, actor(obs), detach_params=True, first_only=True).mean()
 
 
-def soft_update(target: nn.Module, online: nn.Module, tau: float):
-    """Algorithm 1: theta' <- tau theta + (1 - tau) theta' (one call over all tensors; same as lerp_ on each)."""
+def soft_update(target_params: list, online_params: list, tau: float):
+    """Algorithm 1: theta' <- tau theta + (1 - tau) theta', phi' <- tau phi + (1 - tau) phi': one call over all
+    tensors of both networks (the same as target.lerp_(online, tau) for each)."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+        torch._foreach_lerp_(target_params, online_params, tau)
 
 
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -487,6 +494,10 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # Flush denormal floats (below 1.2e-38) to zero on CPU. Adam's second-moment estimates of near-zero gradients
+    # fall in that range, where x86 arithmetic is many times slower: flushing doubled the speed of the optimizer
+    # steps here (benchmarks/RESULTS.md) and changes only values that small. It returns False where unsupported.
+    torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -554,6 +565,9 @@ def main(args: Args):
     # After --resume the buffer starts empty: refill it with --learning-starts steps of the loaded policy (with noise).
     updates_begin = start_step + args.learning_starts
     metrics, recent_returns, eval_returns, critic_updates = {}, [], None, 0
+    # The target networks' tensors and their online counterparts, listed once (for soft_update).
+    target_params = [*qf_target.parameters(), *actor_target.parameters()]
+    online_params = [*qf.parameters(), *actor.parameters()]
 
     def save_model(step):
         state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step,
@@ -603,14 +617,14 @@ def main(args: Args):
         if global_step >= updates_begin:
             # Algorithm 1: sample a mini-batch of N transitions from B; update the critics.
             obs_b, actions_b, rewards_b, terminations_b, next_obs_b = rb.sample(args.batch_size)
-            qf_loss, qf_losses, q_means = critic_loss(qf, qf_target, actor_target, obs_b, actions_b, rewards_b,
-                                                      terminations_b, next_obs_b, args.gamma, args.policy_noise,
-                                                      args.noise_clip)
+            qf_loss, qf_losses, q_values = critic_loss(qf, qf_target, actor_target, obs_b, actions_b, rewards_b,
+                                                       terminations_b, next_obs_b, args.gamma, args.policy_noise,
+                                                       args.noise_clip)
             q_optimizer.zero_grad(set_to_none=True)
             qf_loss.backward()
             q_optimizer.step()
             critic_updates += 1
-            metrics.update(qf_losses=qf_losses, q_means=q_means)  # kept as tensors: read only at logging steps
+            metrics.update(qf_losses=qf_losses, q_values=q_values)  # kept as tensors: read only at logging steps
 
             # Algorithm 1: if t mod d = 0, update phi by the deterministic policy gradient, then the target networks.
             if critic_updates % args.policy_frequency == 0:
@@ -618,8 +632,7 @@ def main(args: Args):
                 actor_optimizer.zero_grad(set_to_none=True)
                 actor_loss.backward()
                 actor_optimizer.step()
-                soft_update(qf_target, qf, args.tau)
-                soft_update(actor_target, actor, args.tau)
+                soft_update(target_params, online_params, args.tau)
                 metrics["actor_loss"] = actor_loss.detach()
 
         # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
@@ -627,7 +640,7 @@ def main(args: Args):
         if step % args.log_every == 0 or step == args.total_timesteps:
             sps = (step - start_step) / (time.time() - start_time)
             if metrics:
-                qf_losses, q_means = metrics["qf_losses"].tolist(), metrics["q_means"].tolist()
+                qf_losses, q_means = metrics["qf_losses"].tolist(), metrics["q_values"].mean(dim=1).tolist()
                 scalars = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1],
                            "losses/qf_loss": sum(qf_losses), "losses/qf1_values": q_means[0],
                            "losses/qf2_values": q_means[1]}

@@ -34,7 +34,26 @@ def test_squashed_gaussian_log_prob_matches_tanh_transformed_normal():
     reference = torch.distributions.TransformedDistribution(
         torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.transforms.TanhTransform()]
     ).log_prob(torch.tanh(u)).sum(-1)
-    torch.testing.assert_close(sac.squashed_gaussian_log_prob(u, mean, log_std), reference, rtol=1e-9, atol=1e-9)
+    eps = (u - mean) / log_std.exp()  # the noise that draws u from N(mean, std^2)
+    torch.testing.assert_close(sac.squashed_gaussian_log_prob(u, eps, log_std), reference, rtol=1e-9, atol=1e-9)
+
+
+def test_squashed_gaussian_log_prob_gradients_match_the_density_at_the_reparameterised_sample():
+    """Written with eps, log mu has the value and the gradients (through u = mean + std eps) of the density
+    log N(u; mean, std^2) evaluated at the sample, which is what the policy loss differentiates."""
+    torch.manual_seed(6)
+    mean = torch.randn(32, 3, dtype=torch.float64, requires_grad=True)
+    log_std = (torch.rand(32, 3, dtype=torch.float64) - 0.5).requires_grad_()
+    eps = torch.randn(32, 3, dtype=torch.float64)
+    u = mean + log_std.exp() * eps
+    ours = sac.squashed_gaussian_log_prob(u, eps, log_std)
+    reference = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+                 - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn(32, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(ours, [mean, log_std], weights, retain_graph=True),
+                         torch.autograd.grad(reference, [mean, log_std], weights)):
+        torch.testing.assert_close(got, want)
 
 
 def test_squashed_gaussian_log_prob_is_finite_and_exact_when_saturated():
@@ -43,7 +62,7 @@ def test_squashed_gaussian_log_prob_is_finite_and_exact_when_saturated():
     u = torch.tensor([[-30.0, 12.0, 25.0], [9.5, -15.0, 40.0]], dtype=torch.float32)
     mean = torch.tensor([[-29.0, 11.0, 24.0], [9.0, -14.0, 39.0]], dtype=torch.float32)
     log_std = torch.zeros_like(u)
-    ours = sac.squashed_gaussian_log_prob(u, mean, log_std)
+    ours = sac.squashed_gaussian_log_prob(u, u - mean, log_std)  # std 1: eps = u - mean
     assert torch.isfinite(ours).all()
     u64, mean64 = u.double().numpy(), mean.double().numpy()
     log_normal = -0.5 * (u64 - mean64) ** 2 - 0.5 * math.log(2 * math.pi)
@@ -73,18 +92,29 @@ def test_actor_sample_log_prob_is_the_density_of_the_sampled_action():
 
 
 def test_twin_q_network_equals_two_separate_mlps():
-    """The stacked (2, ...) weights compute exactly what two ordinary MLPs with the same weights would."""
+    """The stacked (2, ...) weights compute exactly what two ordinary MLPs with the same weights would, and so do
+    their gradients (the in-place ReLUs must not corrupt the backward pass)."""
     torch.manual_seed(2)
-    qf = sac.TwinQNetwork(obs_dim=5, act_dim=2, hidden_dim=16)
-    obs, actions = torch.randn(7, 5), torch.randn(7, 2)
+    qf = sac.TwinQNetwork(obs_dim=5, act_dim=2, hidden_dim=16).double()
+    obs, actions = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
     out = qf(obs, actions)
     assert out.shape == (2, 7)
+    layers = [(qf.w1, qf.b1), (qf.w2, qf.b2), (qf.w3, qf.b3)]
+    reference = []
     for i in range(2):
         x = torch.cat([obs, actions], -1)
-        for layer in range(3):
-            x = x @ qf.weights[layer][i] + qf.biases[layer][i, 0]
+        for layer, (weight, bias) in enumerate(layers):
+            x = x @ weight[i] + bias[i, 0]
             x = torch.relu(x) if layer < 2 else x
-        torch.testing.assert_close(out[i], x.squeeze(-1))
+        reference.append(x.squeeze(-1))
+    reference = torch.stack(reference)
+    torch.testing.assert_close(out, reference)
+    upstream = torch.randn(2, 7, dtype=torch.float64)
+    params = [actions, *qf.parameters()]
+    ours = torch.autograd.grad(out, params, upstream)
+    expected = torch.autograd.grad(reference, params, upstream)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_soft_q_target_masks_terminations_but_not_truncations():

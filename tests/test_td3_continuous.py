@@ -111,7 +111,7 @@ def test_actor_loss_uses_the_first_critic_only_and_does_not_train_critics():
     torch.manual_seed(5)
     actor, qf = td3.Actor(3, 2, 16), td3.TwinQNetwork(3, 2, 16)
     with torch.no_grad():
-        qf.biases[2][0] += 1.0  # make Q1 > Q2 everywhere, so that Q1 differs from min(Q1, Q2)
+        qf.b3[0] += 1.0  # make Q1 > Q2 everywhere, so that Q1 differs from min(Q1, Q2)
     obs = torch.randn(8, 3)
     loss = td3.actor_loss_fn(actor, qf, obs)
     with torch.no_grad():
@@ -136,9 +136,9 @@ def test_actor_and_targets_update_every_policy_frequency_critic_updates(in_tmp, 
         calls["actor"].append(calls["critic"])
         return real_actor(*args, **kwargs)
 
-    def soft_update(target, online, tau):
-        calls["targets"].append((calls["critic"], type(target).__name__))
-        real_soft_update(target, online, tau)
+    def soft_update(target_params, online_params, tau):
+        calls["targets"].append((calls["critic"], len(target_params), len(online_params)))
+        real_soft_update(target_params, online_params, tau)
 
     monkeypatch.setattr(td3, "critic_loss_fn", critic)
     monkeypatch.setattr(td3, "actor_loss_fn", actor)
@@ -146,8 +146,8 @@ def test_actor_and_targets_update_every_policy_frequency_critic_updates(in_tmp, 
     td3.main(tiny_args(total_timesteps=220, learning_starts=100, policy_frequency=3))
     assert calls["critic"] == 120
     assert calls["actor"] == list(range(3, 121, 3))  # after critic updates 3, 6, ..., 120
-    expected_targets = [(n, name) for n in range(3, 121, 3) for name in ("TwinQNetwork", "Actor")]
-    assert calls["targets"] == expected_targets
+    # one call per actor update, over both networks: the critics' 6 tensors and the actor's 6
+    assert calls["targets"] == [(n, 12, 12) for n in range(3, 121, 3)]
 
 
 def test_env_action_scaling_respects_each_dimension_bounds():
