@@ -309,16 +309,16 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, log_std_min: float, log_std_max: float):
         super().__init__()
-        # ReLU in place: a Linear's backward needs its input, not its output, so the output can be overwritten.
-        self.trunk = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True)
-        )
+        self.fc1 = nn.Linear(obs_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
         self.head = nn.Linear(hidden_dim, 2 * act_dim)  # mean and log std side by side: one matmul
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)  # (B, act_dim) each
+        # ReLU in place (relu_): a Linear's backward needs its input, not its output, so the output can be reused.
+        x = self.fc1(obs).relu_()
+        x = self.fc2(x).relu_()
+        mean, log_std = self.head(x).chunk(2, dim=-1)  # (B, act_dim) each
         return mean, log_std.clamp(self.log_std_min, self.log_std_max)
 
     def sample(self, obs: torch.Tensor, with_log_prob: bool = True):
@@ -377,7 +377,7 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
     return low + 0.5 * (action + 1.0) * (high - low)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy tanh(mu(s)). Episode i resets with seed + i, so
     every evaluation (in training, or later from a checkpoint) starts from the same initial states."""
@@ -469,7 +469,7 @@ class TransitionLog:
         print(f"wrote {self.size} transitions to {path}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
     """Roll out the final policy for --export-rollout-steps steps on a freshly seeded env and save them."""
     env = make_env(args.env_id, args.seed + 20_000)
@@ -623,7 +623,7 @@ def main(args: Args):
         if start_step == 0 and global_step < args.learning_starts:
             action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
         else:
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping: a little cheaper than no_grad
                 action, _ = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
                                          with_log_prob=False)
             action = action[0].cpu().numpy()

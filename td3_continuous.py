@@ -294,15 +294,15 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        # ReLU in place: a Linear's backward needs its input, not its output, so the output can be overwritten.
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, act_dim), nn.Tanh(),
-        )
+        self.fc1 = nn.Linear(obs_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.fc3 = nn.Linear(hidden_dim, act_dim)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)  # (B, act_dim)
+        # ReLU in place (relu_): a Linear's backward needs its input, not its output, so the output can be reused.
+        x = self.fc1(obs).relu_()
+        x = self.fc2(x).relu_()
+        return torch.tanh(self.fc3(x))  # (B, act_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
     return low + 0.5 * (action + 1.0) * (high - low)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy pi(s), without exploration noise. Episode i resets
     with seed + i, so every evaluation (in training, or later from a checkpoint) starts from the same states."""
@@ -449,7 +449,7 @@ class TransitionLog:
         print(f"wrote {self.size} transitions to {path}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int):
     """Roll out the final policy for --export-rollout-steps steps on a freshly seeded env and save them."""
     env = make_env(args.env_id, args.seed + 20_000)
@@ -595,7 +595,7 @@ def main(args: Args):
         if start_step == 0 and global_step < args.learning_starts:
             action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
         else:
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping: a little cheaper than no_grad
                 action = explore(actor, torch.as_tensor(obs, dtype=torch.float32, device=device)[None],
                                  args.exploration_noise)
             action = action[0].cpu().numpy()

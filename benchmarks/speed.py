@@ -6,11 +6,13 @@ environment step; SAC: automatic temperature, target update every step; TD3: act
 critic updates, target noise 0.2 clipped at 0.5, exploration noise N(0, 0.1). `--warmup` uniform-random steps, then
 `--warmup-updates` untimed gradient steps (torch.compile compiles here), then `--timed-steps` timed steps, each one
 environment step plus one gradient step. Implementations run one at a time in fresh processes, in alternating order,
-`--repeats` times; the table shows the median updates/s and its ratio to SB3's.
+`--repeats` times; the table shows the median updates/s and its ratio to SB3's. Our scripts flush denormal floats to
+zero (torch.set_flush_denormal); `--sb3-flush-denormal` adds SB3 runs with the same setting, to show how much of the
+difference that one setting accounts for.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/speed.py --algo sac --repeats 3
-    python benchmarks/speed.py --algo td3 --repeats 3
+    python benchmarks/speed.py --algo sac --repeats 3 --sb3-flush-denormal
+    python benchmarks/speed.py --algo td3 --repeats 3 --sb3-flush-denormal
 """
 
 import argparse
@@ -25,10 +27,11 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SB3_SNIPPET = textwrap.dedent("""
-    import sys, time, numpy as np, gymnasium as gym
+    import sys, time, numpy as np, gymnasium as gym, torch
     from stable_baselines3 import SAC, TD3
     from stable_baselines3.common.noise import NormalActionNoise
-    algo, (warmup, warmup_updates, timed) = sys.argv[1], map(int, sys.argv[2:5])
+    algo, (warmup, warmup_updates, timed), flush_denormal = sys.argv[1], map(int, sys.argv[2:5]), sys.argv[5] == "1"
+    torch.set_flush_denormal(flush_denormal)
     env = gym.make("Hopper-v5")
     common = dict(learning_rate=3e-4, buffer_size=1_000_000, learning_starts=warmup, batch_size=256, tau=0.005,
                   gamma=0.99, train_freq=1, gradient_steps=1, policy_kwargs=dict(net_arch=[256, 256]),
@@ -65,9 +68,9 @@ def run_ours(script: str, warmup: int, warmup_updates: int, timed: int, compile:
         return timed / (wall[end] - wall[begin])
 
 
-def run_sb3(algo: str, warmup: int, warmup_updates: int, timed: int) -> float:
-    result = subprocess.run([sys.executable, "-c", SB3_SNIPPET, algo, str(warmup), str(warmup_updates), str(timed)],
-                            check=True, capture_output=True, text=True)
+def run_sb3(algo: str, warmup: int, warmup_updates: int, timed: int, flush_denormal: bool = False) -> float:
+    result = subprocess.run([sys.executable, "-c", SB3_SNIPPET, algo, str(warmup), str(warmup_updates), str(timed),
+                             str(int(flush_denormal))], check=True, capture_output=True, text=True)
     return float(result.stdout.split("UPDATES_PER_SECOND")[1])
 
 
@@ -79,6 +82,8 @@ def main():
     parser.add_argument("--warmup-updates", type=int, default=1000, help="untimed steps with updates")
     parser.add_argument("--timed-steps", type=int, default=3000, help="timed steps (env step + update)")
     parser.add_argument("--no-compile", action="store_true", help="skip the --compile runs")
+    parser.add_argument("--sb3-flush-denormal", action="store_true",
+                        help="also run SB3 with torch.set_flush_denormal(True), which our scripts set")
     args = parser.parse_args()
 
     script, sb3_name = f"{args.algo}_continuous.py", f"Stable-Baselines3 {args.algo.upper()}"
@@ -87,6 +92,8 @@ def main():
         sb3_name: lambda: run_sb3(args.algo, *timing),
         script: lambda: run_ours(script, *timing, compile=False),
     }
+    if args.sb3_flush_denormal:
+        runners[f"{sb3_name}, flush denormals"] = lambda: run_sb3(args.algo, *timing, flush_denormal=True)
     if not args.no_compile:
         runners[f"{script} --compile"] = lambda: run_ours(script, *timing, compile=True)
     results = {name: [] for name in runners}
