@@ -252,7 +252,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int):
         """Uniform minibatch, drawn on the device: (obs, actions, rewards, terminations, next_obs)."""
         index = torch.randint(0, self.size, (batch_size,), device=self.rows.device)
-        batch = self.rows[index]  # (B, 2 * obs_dim + act_dim + 2)
+        batch = self.rows.index_select(0, index)  # (B, 2 * obs_dim + act_dim + 2); cheaper than rows[index]
         return torch.split(batch, [self.obs_dim, self.act_dim, 1, 1, self.obs_dim], dim=1)
 
 
