@@ -369,6 +369,14 @@ def alpha_loss_fn(log_alpha, log_prob, target_entropy):
     return (-log_alpha.exp() * (log_prob + target_entropy)).mean()
 
 
+def clear_grads(optimizer: torch.optim.Optimizer):
+    """optimizer.zero_grad(set_to_none=True) without the profiling and compiler wrappers around it, which cost about
+    60 us a call in this loop on a CPU (benchmarks/RESULTS.md): the next backward pass writes fresh gradients."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation, checkpoints and datasets
 # ----------------------------------------------------------------------------------------------------------------------
@@ -648,7 +656,7 @@ def main(args: Args):
             # theta_i <- theta_i - lambda_Q grad J_Q(theta_i), Eq. 6
             qf_loss, qf_losses, q_values = critic_loss(qf, qf_target, actor, obs_b, actions_b, rewards_b,
                                                        terminations_b, next_obs_b, alpha, args.gamma)
-            q_optimizer.zero_grad(set_to_none=True)
+            clear_grads(q_optimizer)
             qf_loss.backward()
             q_optimizer.step()
             metrics.update(qf_losses=qf_losses, q_values=q_values, alpha=alpha)  # tensors, read when logging
@@ -665,7 +673,7 @@ def main(args: Args):
                     # Deviation: J(alpha) uses the log pi sampled for this policy step (as SB3 does); Algorithm 1 and
                     # softlearning draw a fresh sample from the updated policy, one more forward pass per step.
                     alpha_loss = alpha_loss_fn(log_alpha, log_prob, target_entropy) if args.autotune else 0.0
-                    actor_optimizer.zero_grad(set_to_none=True)
+                    clear_grads(actor_optimizer)
                     (actor_loss + alpha_loss).backward()
                     actor_optimizer.step()
                     alpha = log_alpha.detach().exp()

@@ -148,6 +148,17 @@ def test_alpha_loss_gradient_pushes_entropy_toward_target():
     assert log_alpha.grad > 0
 
 
+def test_clear_grads_empties_every_parameter_group_like_zero_grad():
+    """The policy's optimizer holds two groups (policy and log alpha): both must start the next step without stale
+    gradients, exactly as optimizer.zero_grad(set_to_none=True) leaves them."""
+    actor, log_alpha = sac.Actor(3, 2, 8, -20, 2), torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([{"params": actor.parameters()}, {"params": [log_alpha]}])
+    (actor(torch.randn(4, 3))[0].sum() + log_alpha).backward()
+    assert all(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+    sac.clear_grads(optimizer)
+    assert all(p.grad is None for group in optimizer.param_groups for p in group["params"])
+
+
 def test_env_action_scaling_respects_each_dimension_bounds():
     low, high = np.array([-2.0, 0.0, 10.0]), np.array([2.0, 1.0, 30.0])
     np.testing.assert_allclose(sac.to_env_action(np.array([-1.0, -1.0, -1.0]), low, high), low)
