@@ -17,7 +17,7 @@ Checked against: rail-berkeley/softlearning (the authors' code), Stable-Baseline
 
 Commands:
     python sac_continuous.py --env-id Pendulum-v1 --total-timesteps 15000 --learning-starts 1000 --eval-every 5000
-    python sac_continuous.py --env-id Hopper-v5 --save-model --export-replay data/hopper_replay.npz
+    python sac_continuous.py --env-id Hopper-v5 --save-model --export-minari local/hopper-sac-replay-v0
     python sac_continuous.py --eval-checkpoint runs/<run_name>/sac_continuous.pt --eval-episodes 10
 """
 
@@ -25,7 +25,11 @@ import contextlib
 import math
 import os
 import random
+import shutil
+import subprocess
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import gymnasium as gym
@@ -123,8 +127,13 @@ class Args:
     """continue training from this checkpoint (its env, network sizes, step; the replay buffer starts empty)"""
     export_replay: str | None = None
     """write every transition collected in training to this .npz ("medium-replay" style; docs/datasets.md)"""
+    export_minari: str | None = None
+    """write every transition collected in training as a new Minari dataset with this id, e.g.
+    local/hopper-sac-replay-v0 (into $MINARI_DATASETS_PATH, default ~/.minari/datasets; docs/datasets.md)"""
     export_rollouts: str | None = None
     """after training, write rollouts of the final policy to this .npz ("medium"/"expert" style)"""
+    export_rollouts_minari: str | None = None
+    """after training, write rollouts of the final policy as a new Minari dataset with this id"""
     export_rollout_steps: int = 100_000
     """environment steps of final-policy rollouts for --export-rollouts (D4RL used 1e6)"""
     export_rollout_deterministic: bool = False
@@ -376,7 +385,8 @@ def main(args: Args):
     print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
           f"device {device}, {args.total_timesteps} steps")
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
-    replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) if args.export_replay else None
+    replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) \
+        if args.export_replay or args.export_minari else None
     updates_begin = start_step + args.learning_starts  # after --resume, first refill the empty buffer
     metrics, recent_returns, progress = {}, [], Progress(start_step, args.total_timesteps)
 
@@ -437,8 +447,8 @@ def main(args: Args):
         print(f"saved checkpoint to runs/{run_name}/{SCRIPT}.pt")
     if replay_log is not None:
         source = f"{SCRIPT}.py training transitions, steps {start_step}-{args.total_timesteps}, seed {args.seed}"
-        replay_log.save(args.export_replay, args.env_id, source, f"runs/{run_name}")
-    if args.export_rollouts:
+        replay_log.save(args.export_replay, args.export_minari, args.env_id, source, f"runs/{run_name}")
+    if args.export_rollouts or args.export_rollouts_minari:
         export_rollouts(actor, args, device, args.total_timesteps, f"runs/{run_name}")
     env.close()
     eval_env.close()
@@ -477,6 +487,12 @@ def validate_args(args: Args):
     for flag, path in [("--export-replay", args.export_replay), ("--export-rollouts", args.export_rollouts)]:
         if path is not None:  # now, not after hours of training
             check_writable(path, flag)
+    for flag, dataset_id in [("--export-minari", args.export_minari),
+                             ("--export-rollouts-minari", args.export_rollouts_minari)]:
+        if dataset_id is not None:
+            check_minari_id(dataset_id, flag)
+    if args.export_minari is not None and args.export_minari == args.export_rollouts_minari:
+        fail("--export-minari and --export-rollouts-minari need two different dataset ids")
 
 
 # D4RL's random (0) and expert (100) returns for the normalised score (docs/datasets.md), measured on the v2 envs.
@@ -656,16 +672,27 @@ class TransitionLog:
             self.arrays[key][self.size] = value
         self.size += 1
 
-    def save(self, path: str, env_id: str, source: str, fallback_folder: str):
-        """Write the .npz (to `fallback_folder` if `path` fails this late). An episode still running when collection
-        stopped keeps neither flag at its last row: the marker of an unfinished episode."""
+    def save(self, path: str | None, minari_id: str | None, env_id: str, source: str, fallback_folder: str):
+        """Write the .npz `path` and/or the Minari dataset `minari_id`; whatever fails this late is written to
+        `fallback_folder` instead, so collected data is never lost. An episode still running when collection stopped
+        keeps neither flag at its last row: the marker of an unfinished episode."""
         data = {key: value[: self.size] for key, value in self.arrays.items()}
-        data.update(env_id=np.array(env_id), source=np.array(source))
-        if reference_scores(env_id) is not None:
-            data.update(ref_min_score=np.array(reference_scores(env_id)[0]),
-                        ref_max_score=np.array(reference_scores(env_id)[1]))
-        written = write_with_fallback(path, lambda file: np.savez(file, **data), fallback_folder)
-        print(f"wrote {self.size} transitions to {written}")
+        if path is not None:
+            arrays = dict(data, env_id=np.array(env_id), source=np.array(source))
+            if reference_scores(env_id) is not None:
+                arrays.update(ref_min_score=np.array(reference_scores(env_id)[0]),
+                              ref_max_score=np.array(reference_scores(env_id)[1]))
+            written = write_with_fallback(path, lambda file: np.savez(file, **arrays), fallback_folder)
+            print(f"wrote {self.size} transitions to {written}")
+        if minari_id is not None:
+            try:
+                folder = write_minari(minari_id, data, env_id, source)
+                print(f"wrote {self.size} transitions to Minari dataset {minari_id} ({folder})")
+            except Exception as error:  # disk full, the id taken meanwhile, ...: keep the data as an .npz instead
+                fallback = os.path.join(fallback_folder, minari_id.replace("/", "_") + ".npz")
+                print(f"warning: cannot write Minari dataset {minari_id} ({type(error).__name__}: {error}); "
+                      f"writing {fallback} instead")
+                self.save(fallback, None, env_id, source, fallback_folder)
 
 
 @torch.inference_mode()
@@ -686,9 +713,93 @@ def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int, f
         log.add(obs, env_action, reward, next_obs, terminated, truncated)
         obs = env.reset()[0] if terminated or truncated else next_obs
     policy = "deterministic tanh(mu)" if args.export_rollout_deterministic else "stochastic"
-    log.save(args.export_rollouts, args.env_id,
+    log.save(args.export_rollouts, args.export_rollouts_minari, args.env_id,
              f"{SCRIPT}.py rollouts of the final {policy} policy after {step} training steps, seed {args.seed}",
              fallback_folder)
+
+
+def write_minari(dataset_id: str, data: dict, env_id: str, source: str) -> str:
+    """Write transitions in the docs/datasets.md layout as a Minari dataset, with Minari's own API: episodes of N + 1
+    observations, terminations and truncations kept apart, an unfinished last episode stored as truncated (as
+    Minari's DataCollector does). Built in a staging folder beside the datasets, then renamed into place, so a crash
+    leaves no half-written dataset. Returns the dataset's folder."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.namespace import create_namespace, list_local_namespaces
+    from minari.storage import get_dataset_path
+
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    if len(ends) == 0 or ends[-1] != len(data["rewards"]):
+        ends = np.append(ends, len(data["rewards"]))
+    episodes = []
+    for start, end in zip(np.r_[0, ends[:-1]], ends):
+        truncations = data["timeouts"][start:end].copy()
+        truncations[-1] |= not data["terminals"][end - 1]
+        episodes.append(EpisodeBuffer(
+            observations=np.concatenate([data["observations"][start:end], data["next_observations"][end - 1:end]]),
+            actions=data["actions"][start:end], rewards=data["rewards"][start:end],
+            terminations=data["terminals"][start:end], truncations=truncations))
+    refs = reference_scores(env_id) or (None, None)
+    root, target = get_dataset_path(), get_dataset_path(dataset_id)
+    staging, saved_root = tempfile.mkdtemp(prefix=".staging-", dir=root), os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = staging
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`author")  # no author is known to the script
+            minari.create_dataset_from_buffers(
+                dataset_id, episodes, env=env_id, eval_env=env_id, algorithm_name=f"SAC ({SCRIPT}.py)",
+                code_permalink=f"{SCRIPT}.py at git commit {code_version()}", ref_min_score=refs[0],
+                ref_max_score=refs[1], description=f"{source}. Episodes end at a termination or a truncation; one "
+                "still running when collection stopped is stored as truncated.")
+        for folder, _, files in os.walk(staging):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as file:
+                    os.fsync(file.fileno())
+        os.environ["MINARI_DATASETS_PATH"] = str(root)
+        namespace = parse_dataset_id(dataset_id)[0]
+        if namespace is not None and namespace not in list_local_namespaces():
+            create_namespace(namespace)
+        os.replace(os.path.join(staging, dataset_id), target)
+    finally:
+        if saved_root is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = saved_root
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def check_minari_id(dataset_id: str, flag: str):
+    """Fail now, not after training: minari missing, a malformed id, an id already taken, an unwritable folder."""
+    try:
+        import minari  # noqa: F401
+        from minari.dataset.minari_dataset import parse_dataset_id
+        from minari.storage import get_dataset_path
+    except ImportError:
+        fail(f"{flag} needs minari: pip install minari")
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):  # minari 0.5 raises TypeError for an id without -vN
+        fail(f"{flag} {dataset_id}: not a Minari dataset id; use namespace/name-vN, e.g. local/hopper-sac-replay-v0")
+    try:
+        if os.path.exists(get_dataset_path(dataset_id)):
+            fail(f"{flag} {dataset_id}: that Minari dataset already exists in {get_dataset_path()}; choose another id "
+                 f"or version, or delete it with `minari delete {dataset_id}`")
+        os.rmdir(tempfile.mkdtemp(dir=get_dataset_path()))
+    except OSError as error:
+        fail(f"{flag} {dataset_id}: cannot write Minari datasets ({error.strerror}); set MINARI_DATASETS_PATH to a "
+             "writable folder")
+
+
+def code_version() -> str:
+    """This file's git commit (with -dirty for uncommitted changes), for the metadata of exported datasets."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, check=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not in a git checkout)"
 
 
 def atomic_write(path: str, write):

@@ -94,3 +94,51 @@ def wandb_offline_tags(cwd: str) -> set[str]:
                 tags.update(item.key or "/".join(item.nested_key) for item in record.history.item)
             pending = b""
     return tags
+
+
+@pytest.fixture(scope="session")
+def sac_minari_export(tmp_path_factory):
+    """One short Hopper-v5 run of sac_continuous.py through its real command line that exports its training
+    transitions both as an .npz and as a Minari dataset (ids local/hopper-test-replay-v0 and, for the final policy's
+    rollouts, local/hopper-test-rollouts-v0). Returns (folder, minari root): replay.npz and rollouts.npz lie in the
+    folder, the datasets under the root (pass it as MINARI_DATASETS_PATH)."""
+    pytest.importorskip("minari")
+    folder = tmp_path_factory.mktemp("sac_export")
+    root = str(folder / "minari")
+    run_script("sac_continuous.py", "--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "200",
+               "--batch-size", "32", "--hidden-dim", "32", "--eval-every", "1000", "--eval-episodes", "1",
+               "--export-replay", "replay.npz", "--export-minari", "local/hopper-test-replay-v0",
+               "--export-rollouts", "rollouts.npz", "--export-rollouts-minari", "local/hopper-test-rollouts-v0",
+               "--export-rollout-steps", "300", cwd=str(folder), env={"MINARI_DATASETS_PATH": root})
+    return folder, root
+
+
+def assert_minari_equals_npz(dataset_id: str, npz_path: str, algorithm: str):
+    """Load `dataset_id` with Minari's own API and check it holds exactly the transitions of the .npz export of the
+    same run (docs/datasets.md): episodes of N + 1 observations, one end flag per episode at its last step,
+    terminations and truncations apart, an unfinished last episode stored as truncated; and the metadata: env and
+    evaluation env, references, algorithm, this checkout's commit. Returns the npz arrays."""
+    import minari
+    import numpy as np
+
+    data, dataset = dict(np.load(npz_path)), minari.load_dataset(dataset_id)
+    episodes = list(dataset.iterate_episodes())
+    assert dataset.total_steps == len(data["rewards"]) and dataset.total_episodes == len(episodes)
+    for episode in episodes:
+        ends = episode.terminations | episode.truncations
+        assert len(episode.observations) == len(episode.rewards) + 1 and ends[-1] and not ends[:-1].any()
+    joined = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
+              "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
+              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
+    expected = dict(data, timeouts=data["timeouts"].copy())
+    expected["timeouts"][-1] |= not data["terminals"][-1]  # an unfinished last episode ends as a truncation
+    for key, parts in joined.items():
+        np.testing.assert_array_equal(np.concatenate(parts), expected[key], err_msg=key)
+    metadata = dataset.storage.metadata
+    assert dataset.spec.env_spec.id == str(data["env_id"]) == dataset.recover_environment(eval_env=True).spec.id
+    assert (metadata["ref_min_score"], metadata["ref_max_score"]) == (float(data["ref_min_score"]),
+                                                                      float(data["ref_max_score"]))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert algorithm in metadata["algorithm_name"] and commit in metadata["code_permalink"], metadata
+    assert not [name for name in os.listdir(os.environ["MINARI_DATASETS_PATH"]) if name.startswith(".staging")]
+    return data

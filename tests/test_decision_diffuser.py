@@ -531,6 +531,18 @@ def test_minari_dataset_reads_like_the_npz(tmp_path, small_dataset, monkeypatch)
         dd.load_dataset("test/pendulum/missing-v0", False)
 
 
+def test_a_minari_dataset_exported_by_sac_reads_like_its_npz(sac_minari_export, monkeypatch):
+    """The Minari route of docs/datasets.md: sac_continuous.py --export-minari ID, then --dataset ID."""
+    folder, root = sac_minari_export
+    monkeypatch.setenv("MINARI_DATASETS_PATH", root)
+    from_npz = dd.load_dataset(str(folder / "replay.npz"), False)
+    from_minari = dd.load_dataset("local/hopper-test-replay-v0", False)
+    for key in dd.KEYS:
+        assert from_minari[key].dtype == from_npz[key].dtype, key
+        np.testing.assert_array_equal(from_minari[key], from_npz[key], err_msg=key)
+    assert from_minari["env_id"] == "Hopper-v5" and from_minari["ref_scores"][:2] == from_npz["ref_scores"][:2]
+
+
 def test_atomic_write_flushes_to_disk_before_the_rename(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(dd.os, "fsync", lambda fd: events.append("fsync"))

@@ -335,6 +335,21 @@ def test_npz_hdf5_and_minari_give_identical_arrays(tmp_path, monkeypatch, pendul
     assert from_npz["timeouts"].sum() == 30 and not from_npz["terminals"].any()
 
 
+def test_a_minari_dataset_exported_by_sac_reads_like_its_npz_and_trains(sac_minari_export, monkeypatch, tmp_path):
+    """The Minari route of docs/datasets.md: sac_continuous.py --export-minari ID, then --dataset ID."""
+    folder, root = sac_minari_export
+    monkeypatch.setenv("MINARI_DATASETS_PATH", root)
+    from_npz, from_minari = dt.load_dataset(str(folder / "replay.npz")), dt.load_dataset("local/hopper-test-replay-v0")
+    for key in ("observations", "actions", "rewards", "terminals", "timeouts"):
+        assert from_minari[key].dtype == from_npz[key].dtype, key
+        np.testing.assert_array_equal(from_minari[key], from_npz[key], err_msg=key)
+    assert from_minari["env_id"] == "Hopper-v5" and from_minari["timeouts"][-1]  # the unfinished last episode
+    assert from_minari["ref_scores"][:2] == from_npz["ref_scores"][:2] == (-20.272305, 3234.3)
+    result = run_script(SCRIPT, "--dataset", "local/hopper-test-replay-v0", "--total-steps", "20", "--eval-every",
+                        "1000", "--target-returns", "100", *TINY, cwd=str(tmp_path), env={"MINARI_DATASETS_PATH": root})
+    assert "final evaluation (target 100): " in result.stdout and "Minari metadata" in result.stdout, result.stdout
+
+
 def test_unfinished_last_episode_is_kept_as_truncated(tmp_path, pendulum_data):
     _, data = pendulum_data
     path = str(tmp_path / "cut.npz")

@@ -5,14 +5,15 @@ import glob
 import math
 import os
 import shutil
+import sys
 import time
 import types
 
 import numpy as np
 import pytest
 import torch
-from conftest import (all_finite, evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script,
-                      wandb_offline_tags)
+from conftest import (all_finite, assert_minari_equals_npz, evaluation_returns, only_run_dir, read_scalars,
+                      record_buffer_adds, run_script, wandb_offline_tags)
 
 import sac_continuous as sac
 
@@ -431,17 +432,14 @@ def test_progress_reports_the_speed_of_the_last_interval_without_warm_up_or_eval
                          ["1 SPS", "ETA 0h00m00s"]]
 
 
-def test_dataset_export_round_trip(tmp_path):
+def test_dataset_export_round_trip(sac_minari_export):
     """--export-replay writes every training transition in the docs/datasets.md layout; per-episode reward sums equal
     the episodic returns logged to TensorBoard. --export-rollouts writes the final policy's rollouts."""
-    run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "200",
-               "--batch-size", "32", "--hidden-dim", "32", "--eval-every", "1000", "--eval-episodes", "1",
-               "--export-replay", "data/replay.npz", "--export-rollouts", "data/rollouts.npz",
-               "--export-rollout-steps", "300", cwd=str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "data")) == ["replay.npz", "rollouts.npz"]  # no temporary files left
+    folder, _ = sac_minari_export
+    assert sorted(os.listdir(folder)) == ["minari", "replay.npz", "rollouts.npz", "runs"]  # no temporary files left
     obs_dim, act_dim = 11, 3
     for name, rows in [("replay.npz", 500), ("rollouts.npz", 300)]:
-        data = np.load(tmp_path / "data" / name)
+        data = np.load(folder / name)
         expected = {"observations": (np.float32, (rows, obs_dim)), "actions": (np.float32, (rows, act_dim)),
                     "rewards": (np.float32, (rows,)), "next_observations": (np.float32, (rows, obs_dim)),
                     "terminals": (np.bool_, (rows,)), "timeouts": (np.bool_, (rows,))}
@@ -456,11 +454,62 @@ def test_dataset_export_round_trip(tmp_path):
         np.testing.assert_array_equal(data["next_observations"][:-1][within_episode],
                                       data["observations"][1:][within_episode])
 
-    data = np.load(tmp_path / "data" / "replay.npz")
+    data = np.load(folder / "replay.npz")
     boundaries = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
     episode_sums = [chunk.sum(dtype=np.float64) for chunk in np.split(data["rewards"], boundaries)[:-1]]
-    logged = [value for _, value in read_scalars(only_run_dir(str(tmp_path)))["charts/episodic_return"]]
+    logged = [value for _, value in read_scalars(only_run_dir(str(folder)))["charts/episodic_return"]]
     np.testing.assert_allclose(episode_sums, logged, rtol=1e-4)
+
+
+def test_minari_export_holds_the_transitions_of_the_npz_export(sac_minari_export, monkeypatch):
+    """--export-minari and --export-rollouts-minari, through the real CLI in the same run as the .npz exports."""
+    pytest.importorskip("minari")
+    folder, root = sac_minari_export
+    monkeypatch.setenv("MINARI_DATASETS_PATH", root)
+    replay = assert_minari_equals_npz("local/hopper-test-replay-v0", str(folder / "replay.npz"), "SAC")
+    assert replay["terminals"].any() and not (replay["terminals"][-1] or replay["timeouts"][-1])  # what is tested
+    assert_minari_equals_npz("local/hopper-test-rollouts-v0", str(folder / "rollouts.npz"), "SAC")
+
+
+def test_taken_malformed_or_unsupported_minari_ids_fail_at_start_up(in_tmp, monkeypatch):
+    minari = pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(in_tmp / "minari"))
+    episode = minari.data_collector.EpisodeBuffer(observations=np.zeros((3, 3), np.float32),
+                                                  actions=np.zeros((2, 1), np.float32), rewards=np.zeros(2),
+                                                  terminations=np.zeros(2, bool), truncations=np.array([0, 1], bool))
+    minari.create_dataset_from_buffers("local/taken-v0", [episode], env="Pendulum-v1", description="taken")
+    for overrides, fragment in [(dict(export_minari="local/taken-v0"), "already exists"),
+                                (dict(export_rollouts_minari="local/taken-v0"), "minari delete local/taken-v0"),
+                                (dict(export_minari="pendulum"), "namespace/name-vN"),
+                                (dict(export_minari="local/a-v0", export_rollouts_minari="local/a-v0"), "different")]:
+        with pytest.raises(SystemExit) as error:
+            sac.main(tiny_args(**overrides))
+        assert "\n" not in str(error.value) and fragment in str(error.value), str(error.value)
+    monkeypatch.setitem(sys.modules, "minari", None)  # as if minari were not installed
+    with pytest.raises(SystemExit, match="--export-minari needs minari: pip install minari"):
+        sac.main(tiny_args(export_minari="local/new-v0"))
+    assert not os.path.exists("runs")  # nothing started
+
+
+def test_minari_export_that_fails_after_training_is_written_to_the_run_folder(in_tmp, monkeypatch, capsys):
+    """Another process takes the dataset id while this one trains: the transitions land in runs/{run_name}/ as an
+    .npz, the output says where, and no staging folder is left among the Minari datasets."""
+    pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(in_tmp / "minari"))
+    real_evaluate = sac.evaluate
+
+    def evaluate(*args, **kwargs):
+        os.makedirs("minari/local/late-v0/data", exist_ok=True)
+        open("minari/local/late-v0/data/metadata.json", "w").close()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(sac, "evaluate", evaluate)
+    sac.main(tiny_args(export_minari="local/late-v0"))
+    out, run_dir = capsys.readouterr().out, only_run_dir(".")
+    fallback = os.path.join("runs", os.path.basename(run_dir), "local_late-v0.npz")
+    assert "cannot write Minari dataset local/late-v0" in out and f"writing {fallback} instead" in out, out
+    assert np.load(fallback)["rewards"].shape == (300,)
+    assert sorted(os.listdir("minari")) == ["local"]
 
 
 def test_unwritable_export_path_fails_at_start_up(in_tmp):

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import (all_finite, evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script,
-                      wandb_offline_tags)
+from conftest import (all_finite, assert_minari_equals_npz, evaluation_returns, only_run_dir, read_scalars,
+                      record_buffer_adds, run_script, wandb_offline_tags)
 
 import td3_continuous as td3
 
@@ -404,11 +404,19 @@ def test_resume_restores_targets_and_both_optimizer_states(in_tmp, monkeypatch):
         td3.main(tiny_args(resume=path, total_timesteps=500))
 
 
-def test_dataset_export_round_trip(tmp_path):
+def test_dataset_export_round_trip(tmp_path, monkeypatch):
+    """Both exports as .npz and as Minari datasets (through Minari's own API) from the same run hold the same
+    transitions; per-episode reward sums equal the logged episodic returns."""
+    pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     run_script(SCRIPT, "--env-id", "Hopper-v5", "--total-timesteps", "500", "--learning-starts", "200",
                "--batch-size", "32", "--hidden-dims", "32", "32", "--eval-every", "1000", "--eval-episodes", "1",
                "--export-replay", "data/replay.npz", "--export-rollouts", "data/rollouts.npz",
-               "--export-rollout-steps", "300", cwd=str(tmp_path))
+               "--export-rollout-steps", "300", "--export-minari", "local/hopper-td3-replay-v0",
+               "--export-rollouts-minari", "local/hopper-td3-rollouts-v0", cwd=str(tmp_path))
+    for name, dataset_id in [("replay.npz", "local/hopper-td3-replay-v0"),
+                             ("rollouts.npz", "local/hopper-td3-rollouts-v0")]:
+        assert_minari_equals_npz(dataset_id, str(tmp_path / "data" / name), "TD3")
     assert sorted(os.listdir(tmp_path / "data")) == ["replay.npz", "rollouts.npz"]
     for name, rows in [("replay.npz", 500), ("rollouts.npz", 300)]:
         data = np.load(tmp_path / "data" / name)
@@ -428,6 +436,19 @@ def test_dataset_export_round_trip(tmp_path):
     episode_sums = [chunk.sum(dtype=np.float64) for chunk in np.split(data["rewards"], boundaries)[:-1]]
     logged = [value for _, value in read_scalars(only_run_dir(str(tmp_path)))["charts/episodic_return"]]
     np.testing.assert_allclose(episode_sums, logged, rtol=1e-4)
+
+
+def test_taken_or_malformed_minari_ids_fail_at_start_up_before_training(in_tmp, monkeypatch):
+    pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(in_tmp / "minari"))
+    monkeypatch.setattr(td3, "update", lambda *a, **k: pytest.fail("trained although the dataset id is unusable"))
+    os.makedirs("minari/local/taken-v0/data")  # what any dataset leaves, written or half-written
+    for flag, dataset_id, fragment in [("export_minari", "local/taken-v0", "already exists"),
+                                       ("export_rollouts_minari", "local/taken-v0", "minari delete"),
+                                       ("export_minari", "no-version", "namespace/name-vN")]:
+        with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} {dataset_id}: .*{fragment}"):
+            td3.main(tiny_args(**{flag: dataset_id}))
+    assert not os.path.exists("runs")
 
 
 def test_unwritable_export_path_fails_at_start_up_before_training(in_tmp, monkeypatch):
