@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -55,6 +56,7 @@ class Args:
     track: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project_name: str = "rl-reference"  # the Weights & Biases project
     wandb_entity: str | None = None  # the Weights & Biases entity (team); None means your default
+    capture_video: bool = False  # record the final evaluation's episodes to `videos/{run_name}/` (pip install moviepy)
     dataset: str | None = None  # a .npz (docs/datasets.md), a D4RL .hdf5, or a Minari id (required to train)
     download_dataset: bool = False  # let minari download a Minari id that is not on this machine (needs internet)
     env_id: str | None = None  # Gymnasium id to evaluate in; None means the dataset's own env id
@@ -406,8 +408,17 @@ def main(args: Args):
         state_norm = Normalizer.fit(np.concatenate([data["observations"], data["next_observations"]]),
                                     args.normalizer, args.cdf_knots)
         action_norm = Normalizer.fit(data["actions"], args.normalizer, args.cdf_knots)
-    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(env_id, args.seed + 10_000 + i, obs_dim, act_dim, source,
-                                                          env_kwargs) for i in range(args.eval_episodes)])
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+
+    def make_envs(record: bool):  # the evaluation envs; --capture-video records the final evaluation's episodes
+        return gym.vector.SyncVectorEnv([lambda i=i: make_env(env_id, args.seed + 10_000 + i, obs_dim, act_dim, source,
+                                                              env_kwargs, video_dir if record else None, f"eval-{i}")
+                                         for i in range(args.eval_episodes)])
+
+    if video_dir:  # rendering is checked now, not after training
+        make_env(env_id, args.seed + 10_000, obs_dim, act_dim, source, env_kwargs, video_dir).close()
+    envs = make_envs(record=checkpoint is not None and video_dir is not None)
     state_norm, action_norm = Normalizer(state_norm.knots.to(device)), Normalizer(action_norm.knots.to(device))
     nets = nn.ModuleDict(dict(unet=TemporalUnet(obs_dim, args.horizon, args.dim, args.dim_mults, args.kernel_size),
                               inverse_dynamics=inverse_dynamics_mlp(obs_dim, act_dim, args.inv_hidden_dim))).to(device)
@@ -428,7 +439,6 @@ def main(args: Args):
         return returns
 
     windows = PlanWindows(data, state_norm, action_norm, args.horizon, device)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = make_writer(args, run_name)
     checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
     print(f"run {run_name}: {env_id}, {len(data['rewards'])} transitions, obs {obs_dim}, actions {act_dim}, U-Net "
@@ -470,6 +480,9 @@ def main(args: Args):
             with progress.paused():
                 run_evaluation(step)
 
+    if video_dir:
+        envs.close()
+        envs = make_envs(record=True)
     eval_returns = run_evaluation(args.total_steps)
     print(f"final evaluation: {describe_returns(eval_returns, refs)}")
     if args.save_model:
@@ -515,16 +528,26 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (MuJoCo on a headless machine: MUJOCO_GL=egl)")
 
 
-def make_env(env_id: str, seed: int, obs_dim: int, act_dim: int, source: str, env_kwargs: dict | None = None):
-    """One evaluation env, checked: a time limit, a flat bounded Box action space, the dataset's dimensions."""
+def make_env(env_id: str, seed: int, obs_dim: int, act_dim: int, source: str, env_kwargs: dict | None = None,
+             video_dir: str | None = None, video_prefix: str = "eval"):
+    """One evaluation env, checked: a time limit, a flat bounded Box action space, the dataset's dimensions. With
+    `video_dir`, its first episode is recorded there as `{video_prefix}-episode-0.mp4`."""
     try:
-        env = gym.make(env_id, **(env_kwargs or {}))
+        env = gym.make(env_id, **{**(env_kwargs or {}), **({"render_mode": "rgb_array"} if video_dir else {})})
     except gym.error.DependencyNotInstalled as error:
         fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
     except gym.error.Error as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
+    except Exception as error:  # e.g. MUJOCO_GL naming a rendering backend that is not installed
+        fail(f"cannot make environment '{env_id}' ({type(error).__name__}: {str(error).partition(chr(10))[0]}); "
+             "if MUJOCO_GL is set, check that its backend (egl or osmesa) is installed")
     space, obs_space, spec = env.action_space, env.observation_space, env.spec
     if spec is None or spec.max_episode_steps is None:
         fail(f"{env_id} has no time limit; wrap it in gymnasium.wrappers.TimeLimit or pick an env with one")
@@ -533,6 +556,17 @@ def make_env(env_id: str, seed: int, obs_dim: int, act_dim: int, source: str, en
     if not isinstance(obs_space, gym.spaces.Box) or obs_space.shape != (obs_dim,) or space.shape != (act_dim,):
         fail(f"dataset {source} has obs_dim {obs_dim} / act_dim {act_dim} but {env_id} has {obs_space.shape} / "
              f"{space.shape}; pass --env-id of the env the data came from")
+    if video_dir:
+        try:  # one frame now, so a broken rendering set-up fails with a one-line error
+            env.reset(seed=seed)
+            env.render()
+        except Exception as error:
+            fail(f"cannot render {env_id} for --capture-video ({type(error).__name__}); on a headless machine "
+                 "set MUJOCO_GL=egl (or osmesa, with its libraries installed)")
+        with warnings.catch_warnings():  # the recording envs of one evaluation share the folder: not an overwrite
+            warnings.simplefilter("ignore")
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode == 0,
+                                           name_prefix=video_prefix, disable_logger=True)
     env.action_space.seed(seed)
     return env
 

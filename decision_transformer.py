@@ -23,6 +23,7 @@ import contextlib
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import gymnasium as gym
@@ -57,6 +58,9 @@ class Args:
     """the Weights & Biases project"""
     wandb_entity: str | None = None
     """the Weights & Biases entity (team); None means your default"""
+    capture_video: bool = False
+    """record the final evaluation to `videos/{run_name}/`, the first episode of each target return (needs
+    `pip install moviepy`)"""
     # Data and environment
     dataset: str | None = None
     """an .npz in the docs/datasets.md layout, a D4RL .hdf5 file, or a Minari id such as mujoco/hopper/medium-v0"""
@@ -316,11 +320,17 @@ def main(args: Args):
         task, eval_seed = dataset_task(data, args), args.seed
     env_fn = lambda: make_env(task["env_id"], eval_seed, task["env_kwargs"])  # noqa: E731
     low, high, max_steps = check_dataset_env(env_fn(), task, args.max_ep_len, args.eval_checkpoint or args.dataset)
+    run_name = f"{task['env_id']}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    if video_dir:  # rendering is checked now, not after training
+        make_env(task["env_id"], eval_seed, task["env_kwargs"], video_dir).close()
     model = DecisionTransformer(task["obs_dim"], task["act_dim"], low, high, args.embed_dim, args.n_layers,
                                 args.n_heads, args.dropout, args.max_ep_len).to(device)
 
-    def run_evaluation():
-        returns = evaluate(model, env_fn, task["target_returns"], args.eval_episodes, eval_seed + 10_000,
+    def run_evaluation(final=False):  # --capture-video records the final (or evaluation-only) evaluation
+        recording = final and video_dir is not None
+        returns = evaluate(model, recording_env_fn(task, eval_seed, args.eval_episodes, video_dir) if recording
+                           else env_fn, task["target_returns"], args.eval_episodes, eval_seed + 10_000,
                            task["state_mean"], task["state_std"], args.reward_scale, args.context_len, max_steps,
                            device)
         return returns, [describe_returns(r, task["refs"], task["ref_source"]) for r in returns]
@@ -330,7 +340,7 @@ def main(args: Args):
             model.load_state_dict(checkpoint["model"])
         except (RuntimeError, KeyError) as error:
             fail(f"checkpoint '{args.eval_checkpoint}' does not match its own settings ({error}); re-create it")
-        returns, texts = run_evaluation()
+        returns, texts = run_evaluation(final=True)
         for target, text in zip(task["target_returns"], texts):
             print(f"evaluation of {args.eval_checkpoint} (step {checkpoint['global_step']}) on {task['env_id']}, "
                   f"target {target:g}: {text}")
@@ -344,7 +354,6 @@ def main(args: Args):
     loss_fn = torch.compile(action_loss) if args.compile else action_loss
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    run_name = f"{task['env_id']}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = make_writer(args, run_name)
     episode_returns = task["episode_returns"]
     print(f"run {run_name}: {args.dataset} ({buffer.size} steps, {len(episode_returns)} episodes, returns mean "
@@ -352,7 +361,7 @@ def main(args: Args):
           f"{sum(p.numel() for p in model.parameters())} parameters, targets {task['target_returns']}")
 
     def evaluate_and_save(step):
-        returns, texts = run_evaluation()
+        returns, texts = run_evaluation(final=step == args.total_steps)
         for target, target_returns, text in zip(task["target_returns"], returns, texts):
             writer.add_scalar(f"eval/return_target_{target:g}", target_returns.mean(), step)
             if task["refs"] is not None:
@@ -413,23 +422,57 @@ def validate_args(args: Args):
         fail("--target-returns needs at least one value, e.g. --target-returns 3600 1800")
     if args.eval_checkpoint is None and args.dataset is None:
         fail("pass --dataset (an .npz, a D4RL .hdf5 or a Minari id), or --eval-checkpoint to evaluate a trained model")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            fail("--capture-video needs moviepy: pip install moviepy (MuJoCo on a headless machine: MUJOCO_GL=egl)")
 
 
-def make_env(env_id: str, seed: int, env_kwargs: dict | None = None) -> gym.Env:
+def make_env(env_id: str, seed: int, env_kwargs: dict | None = None, video_dir: str | None = None,
+             video_prefix: str = "eval") -> gym.Env:
     """gym.make(env_id, **env_kwargs), checked: flat Box observations, a flat bounded Box action space. Episodes are
-    seeded at reset; `seed` seeds the action space."""
+    seeded at reset; `seed` seeds the action space. With `video_dir`, its first episode is recorded there as
+    `{video_prefix}-episode-0.mp4`."""
     try:
-        env = gym.make(env_id, **(env_kwargs or {}))
+        env = gym.make(env_id, **{**(env_kwargs or {}), **({"render_mode": "rgb_array"} if video_dir else {})})
     except (gym.error.Error, TypeError) as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5 "
              "(MuJoCo ones need pip install -r requirements.txt)")
+    except Exception as error:  # e.g. MUJOCO_GL naming a rendering backend that is not installed
+        fail(f"cannot make environment '{env_id}' ({type(error).__name__}: {str(error).partition(chr(10))[0]}); "
+             "if MUJOCO_GL is set, check that its backend (egl or osmesa) is installed")
     space, obs_space = env.action_space, env.observation_space
     if not isinstance(space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box) or len(space.shape) != 1 \
             or len(obs_space.shape) != 1 or not np.isfinite(space.low).all() or not np.isfinite(space.high).all():
         fail(f"{env_id} has observations {obs_space} and actions {space}; this script needs flat Box observations "
              "(FlattenObservation) and a flat, bounded Box action space")
+    if video_dir:
+        try:  # one frame now, so a broken rendering set-up fails with a one-line error
+            env.reset(seed=seed)
+            env.render()
+        except Exception as error:
+            fail(f"cannot render {env_id} for --capture-video ({type(error).__name__}); on a headless machine "
+                 "set MUJOCO_GL=egl (or osmesa, with its libraries installed)")
+        with warnings.catch_warnings():  # the recording envs of one evaluation share the folder: not an overwrite
+            warnings.simplefilter("ignore")
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode == 0,
+                                           name_prefix=video_prefix, disable_logger=True)
     env.action_space.seed(seed)
     return env
+
+
+def recording_env_fn(task: dict, seed: int, episodes: int, video_dir: str):
+    """An `env_fn` for `evaluate` whose envs record the first episode of each target return: evaluate's vector env
+    makes its envs in order, episodes of the first target first (`target-{R}-episode-0.mp4`)."""
+    made = iter(range(len(task["target_returns"]) * episodes))
+
+    def env_fn():
+        index = next(made)
+        target = task["target_returns"][index // episodes]
+        return make_env(task["env_id"], seed, task["env_kwargs"], video_dir if index % episodes == 0 else None,
+                        f"target-{target:g}")
+    return env_fn
 
 
 def check_dataset_env(env: gym.Env, task: dict, max_ep_len: int, source: str):

@@ -142,3 +142,26 @@ def assert_minari_equals_npz(dataset_id: str, npz_path: str, algorithm: str):
     assert algorithm in metadata["algorithm_name"] and commit in metadata["code_permalink"], metadata
     assert not [name for name in os.listdir(os.environ["MINARI_DATASETS_PATH"]) if name.startswith(".staging")]
     return data
+
+
+@pytest.fixture(scope="session")
+def inverted_pendulum_random_npz(tmp_path_factory) -> str:
+    """300 steps of uniformly random actions on InvertedPendulum-v5 in the docs/datasets.md layout. A policy trained
+    on it for a few steps drops the pole within a few dozen steps, so recorded evaluation videos stay short."""
+    import gymnasium as gym
+    import numpy as np
+
+    env, rows = gym.make("InvertedPendulum-v5"), {key: [] for key in ("observations", "actions", "rewards",
+                                                                      "next_observations", "terminals", "timeouts")}
+    env.action_space.seed(0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(300):
+        action = env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(rows, (obs, action, reward, next_obs, terminated, truncated and not terminated)):
+            rows[key].append(value)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    path = str(tmp_path_factory.mktemp("inverted_pendulum") / "random.npz")
+    np.savez(path, **{key: np.array(value, bool if key in ("terminals", "timeouts") else np.float32)
+                      for key, value in rows.items()}, env_id=np.array("InvertedPendulum-v5"))
+    return path

@@ -3,6 +3,7 @@ U-Net, data handling, the CLI, learning on Pendulum-v1, checkpoints, determinism
 
 import glob
 import os
+import sys
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -485,6 +486,42 @@ def test_cli_eval_checkpoint_with_another_sampler(tmp_path, small_dataset):
     result = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--sampler", "ddpm", "--eval-episodes", "2",
                         "--no-cuda", cwd=str(tmp_path))
     assert "DDPM 10 steps" in result.stdout and "final evaluation:" in result.stdout
+
+
+def test_capture_video_records_the_final_evaluation_without_changing_returns(inverted_pendulum_random_npz, in_tmp):
+    """--capture-video records every episode of the final evaluation; the evaluation-only mode of the run's
+    checkpoint (no video) gives the very same returns, and records too when asked."""
+    pytest.importorskip("moviepy")
+    recorded = run_script(SCRIPT, "--dataset", inverted_pendulum_random_npz, *TINY, "--total-steps", "10",
+                          "--eval-every", "5", "--save-model", "--capture-video", cwd=str(in_tmp), check=False,
+                          env={"MUJOCO_GL": "egl"})
+    if recorded.returncode != 0 and "cannot render" in recorded.stderr:
+        pytest.skip(f"no rendering backend here: {recorded.stderr.strip()}")
+    assert recorded.returncode == 0, recorded.stderr
+    run_dir = only_run_dir(str(in_tmp))
+    videos = os.path.join("videos", os.path.basename(run_dir))
+    assert sorted(os.listdir(videos)) == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # not the step-5 one
+    checkpoint = os.path.join(run_dir, "decision_diffuser.pt")
+    same = ["--eval-checkpoint", checkpoint, "--no-cuda", "--eval-episodes", "2", "--sampler", "ddim",
+            "--sampling-steps", "4"]  # the run's own sampling flags (they are not taken from the checkpoint)
+    plain = run_script(SCRIPT, *same, cwd=str(in_tmp))
+    again = run_script(SCRIPT, *same, "--capture-video", "--exp-name", "again", cwd=str(in_tmp),
+                       env={"MUJOCO_GL": "egl"})
+    final = [line for line in recorded.stdout.splitlines() if line.startswith("final evaluation")]
+    for result in (plain, again):
+        assert [line for line in result.stdout.splitlines() if line.startswith("final evaluation")] == final
+    assert len(glob.glob("videos/InvertedPendulum-v5__again__*/eval-*-episode-0.mp4")) == 2
+
+
+def test_capture_video_errors_are_one_line(in_tmp, small_dataset, monkeypatch):
+    """Without moviepy, or with a MUJOCO_GL backend that does not exist: a one-line error naming the fix."""
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # as if moviepy were not installed
+    with pytest.raises(SystemExit, match="--capture-video needs moviepy: pip install moviepy"):
+        dd.main(tiny_args(small_dataset, capture_video=True))
+    result = run_script(SCRIPT, "--dataset", str(small_dataset), "--env-id", "Hopper-v5", cwd=str(in_tmp),
+                        check=False, env={"MUJOCO_GL": "no-such-backend"})
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "MUJOCO_GL" in result.stderr
 
 
 @pytest.mark.parametrize("env_id_as", ["attribute", "dataset"])

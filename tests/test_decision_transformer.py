@@ -1,6 +1,7 @@
 """Tests of decision_transformer.py: returns-to-go, causality and padding, the three dataset readers, batch sampling,
 evaluation bookkeeping, the real CLI, learning on a Pendulum dataset, checkpoints, determinism and bad input."""
 
+import glob
 import os
 import sys
 import time
@@ -348,6 +349,45 @@ def test_a_minari_dataset_exported_by_sac_reads_like_its_npz_and_trains(sac_mina
     result = run_script(SCRIPT, "--dataset", "local/hopper-test-replay-v0", "--total-steps", "20", "--eval-every",
                         "1000", "--target-returns", "100", *TINY, cwd=str(tmp_path), env={"MINARI_DATASETS_PATH": root})
     assert "final evaluation (target 100): " in result.stdout and "Minari metadata" in result.stdout, result.stdout
+
+
+def test_capture_video_records_one_episode_per_target_without_changing_returns(inverted_pendulum_random_npz, in_tmp):
+    """--capture-video records the final evaluation, one video per target return; the evaluation-only mode of the
+    run's checkpoint (no video) gives the very same returns, and records too when asked."""
+    pytest.importorskip("moviepy")
+    cli = ["--dataset", inverted_pendulum_random_npz, "--total-steps", "20", "--eval-every", "1000", "--target-returns",
+           "100", "200", *TINY]
+    recorded = run_script(SCRIPT, *cli, "--capture-video", "--save-model", cwd=in_tmp, check=False,
+                          env={"MUJOCO_GL": "egl"})
+    if recorded.returncode != 0 and "cannot render" in recorded.stderr:
+        pytest.skip(f"no rendering backend here: {recorded.stderr.strip()}")
+    assert recorded.returncode == 0, recorded.stderr
+    run_dir = only_run_dir(in_tmp)
+    videos = os.path.join("videos", os.path.basename(run_dir))
+    assert sorted(os.listdir(videos)) == ["target-100-episode-0.mp4", "target-200-episode-0.mp4"]
+    assert all(os.path.getsize(os.path.join(videos, name)) > 0 for name in os.listdir(videos))
+    checkpoint = os.path.join(run_dir, "decision_transformer.pt")
+    plain = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--eval-episodes", "2", cwd=in_tmp)
+    again = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--eval-episodes", "2", "--capture-video",
+                       "--exp-name", "again", cwd=in_tmp, env={"MUJOCO_GL": "egl"})
+
+    def texts(result, start: str) -> list[str]:  # what follows ": " on the output lines that begin with `start`
+        return [line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith(start)]
+
+    assert texts(plain, "evaluation of") == texts(again, "evaluation of") == texts(recorded, "final evaluation")
+    assert len(glob.glob("videos/InvertedPendulum-v5__again__*/target-*-episode-0.mp4")) == 2
+
+
+def test_capture_video_errors_are_one_line(in_tmp, pendulum_data, monkeypatch):
+    """Without moviepy, or with a MUJOCO_GL backend that does not exist: a one-line error naming the fix."""
+    path, _ = pendulum_data
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # as if moviepy were not installed
+    with pytest.raises(SystemExit, match="--capture-video needs moviepy: pip install moviepy"):
+        dt.main(dt.Args(dataset=path, capture_video=True))
+    result = run_script(SCRIPT, "--dataset", path, "--env-id", "Hopper-v5", cwd=in_tmp, check=False,
+                        env={"MUJOCO_GL": "no-such-backend"})
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "MUJOCO_GL" in result.stderr
 
 
 def test_unfinished_last_episode_is_kept_as_truncated(tmp_path, pendulum_data):
