@@ -284,8 +284,8 @@ def alpha_loss_fn(log_alpha, log_prob, target_entropy):
 
 
 def clear_grads(optimizer: torch.optim.Optimizer):
-    """optimizer.zero_grad(set_to_none=True) without the profiling and compiler wrappers around it, which cost more
-    than the rest of a small step's bookkeeping. The next backward pass writes fresh gradients."""
+    """Speed trick: optimizer.zero_grad(set_to_none=True) without its profiling and compiler wrappers, which cost a few
+    percent of the updates per second with networks this small."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
@@ -376,7 +376,9 @@ def main(args: Args):
     optimizers = (torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=fused),
                   torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=fused),
                   torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=fused))  # critics, policy, temperature
-    start_step = 0 if checkpoint is None else restore(checkpoint, args, actor, qf, qf_target, log_alpha, optimizers)
+    state = dict(actor=actor, qf=qf, qf_target=qf_target, q_optimizer=optimizers[0], actor_optimizer=optimizers[1],
+                 alpha_optimizer=optimizers[2])  # what a checkpoint holds, with log alpha
+    start_step = restore(state, checkpoint, args, log_alpha) if checkpoint is not None else 0
 
     if args.eval_checkpoint:  # evaluation-only mode
         return evaluate_checkpoint(actor, eval_env, args, start_step, device)
@@ -395,7 +397,7 @@ def main(args: Args):
             returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
             log_evaluation(writer, returns, step, args.env_id)
             if args.save_model:
-                save_checkpoint(f"runs/{run_name}/{SCRIPT}.pt", args, step, actor, qf, qf_target, log_alpha, optimizers)
+                save_checkpoint(f"runs/{run_name}/{SCRIPT}.pt", args, step, state, log_alpha=log_alpha.detach().cpu())
         return returns
 
     obs, _ = env.reset(seed=args.seed)
@@ -429,11 +431,7 @@ def main(args: Args):
 
         step = global_step + 1
         if step % args.log_every == 0 or step == args.total_timesteps:
-            sps, eta = progress.tick(step, warming_up=step <= updates_begin)  # no gradient step yet: warm-up
-            log_training(writer, metrics, step, sps)
-            recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            print(f"step {step}/{args.total_timesteps} | {sps:.0f} SPS | ETA {eta} | recent return {recent}",
-                  flush=True)
+            log_progress(writer, progress, step, metrics, recent_returns, warming_up=step <= updates_begin)
         if step % args.eval_every == 0 and step != args.total_timesteps:
             run_evaluation(step)
 
@@ -592,12 +590,11 @@ def evaluate_checkpoint(actor: Actor, eval_env: gym.Env, args: Args, step: int, 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, args: Args, step: int, actor, qf, qf_target, log_alpha, optimizers):
-    state = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step,
-                 actor=actor.state_dict(), qf=qf.state_dict(), qf_target=qf_target.state_dict(),
-                 log_alpha=log_alpha.detach().cpu(), **{name: optimizer.state_dict() for name, optimizer in zip(
-                     ("q_optimizer", "actor_optimizer", "alpha_optimizer"), optimizers)})
-    atomic_write(path, lambda file: torch.save(state, file))
+def save_checkpoint(path: str, args: Args, step: int, state: dict, **tensors):
+    """Write the state dicts of `state` (networks and optimisers) and any extra tensors, atomically."""
+    checkpoint = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step, **tensors,
+                      **{name: module.state_dict() for name, module in state.items()})
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -635,12 +632,11 @@ def adopt_checkpoint_settings(args: Args, checkpoint: dict):
         args.seed = args.eval_seed if args.eval_seed is not None else checkpoint["args"]["seed"]
 
 
-def restore(checkpoint: dict, args: Args, actor, qf, qf_target, log_alpha, optimizers) -> int:
-    """Load the networks, targets, optimiser states and a learned log alpha (a fixed --alpha is the command line's);
-    the command line's learning rates apply from here on. Returns the checkpoint's step."""
-    names = ("actor", "qf", "qf_target", "q_optimizer", "actor_optimizer", "alpha_optimizer")
+def restore(state: dict, checkpoint: dict, args: Args, log_alpha: torch.Tensor) -> int:
+    """Load networks, targets, optimiser states and a learned log alpha (a fixed --alpha is the command line's) in
+    place and return the step; the command line's learning rates apply from here on."""
     try:
-        for module, name in zip((actor, qf, qf_target, *optimizers), names):
+        for name, module in state.items():
             module.load_state_dict(checkpoint[name])
         if args.autotune:
             with torch.no_grad():
@@ -648,8 +644,9 @@ def restore(checkpoint: dict, args: Args, actor, qf, qf_target, log_alpha, optim
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
              f"({type(error).__name__}: {error}); re-create it with --save-model".replace("\n", " "))
-    for optimizer, lr in zip(optimizers, (args.q_lr, args.policy_lr, args.alpha_lr)):
-        optimizer.param_groups[0]["lr"] = lr
+    state["q_optimizer"].param_groups[0]["lr"] = args.q_lr
+    state["actor_optimizer"].param_groups[0]["lr"] = args.policy_lr
+    state["alpha_optimizer"].param_groups[0]["lr"] = args.alpha_lr
     return int(checkpoint["global_step"])
 
 
@@ -869,8 +866,8 @@ def close_writer(args, writer: SummaryWriter):
         wandb.finish()
 
 
-def log_training(writer: SummaryWriter, metrics: dict, step: int, sps: float):
-    """Write the latest update's metrics (the training loop's only host syncs, every --log-every steps) and SPS."""
+def log_progress(writer, progress, step: int, metrics: dict, recent_returns: list, warming_up: bool):
+    """Write the latest losses and the speed to TensorBoard and print a progress line: the loop's only host syncs."""
     if metrics:
         qf_losses, q_means = metrics["qf_losses"].tolist(), metrics["q_values"].mean(dim=1).tolist()
         scalars = {"losses/qf1_loss": qf_losses[0], "losses/qf2_loss": qf_losses[1],
@@ -884,7 +881,10 @@ def log_training(writer: SummaryWriter, metrics: dict, step: int, sps: float):
             scalars["losses/alpha_loss"] = metrics["alpha_loss"].item()
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
+    sps, eta = progress.tick(step, warming_up)
     writer.add_scalar("charts/SPS", sps, step)
+    recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+    print(f"step {step}/{progress.total} | {sps:.0f} SPS | ETA {eta} | recent return {recent}", flush=True)
 
 
 def log_evaluation(writer: SummaryWriter, returns: np.ndarray, step: int, env_id: str):

@@ -276,21 +276,21 @@ def update(rb: ReplayBuffer, actor, actor_target, qf, qf_target, actor_optimizer
 # ======================================================================================================================
 def main(args: Args):
     validate_args(args)
-    checkpoint = checkpoint_settings(args)  # --resume / --eval-checkpoint: the checkpoint's env and network sizes
+    checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
+    if checkpoint is not None:
+        adopt_checkpoint_settings(args, checkpoint)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    # Speed trick: flush denormal floats (< 1.2e-38) to zero on CPU, process-wide. Adam's second moments of near-zero
-    # gradients fall there, where x86 arithmetic is much slower. Not a hyperparameter of the paper.
+    # Flush denormal floats to zero on CPU, process-wide: x86 arithmetic on them is very slow, and Adam's second
+    # moments of near-zero gradients fall there. Not a hyperparameter of the paper; a no-op where unsupported.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
     env = make_env(args.env_id, args.seed)
-    video_dir = f"videos/{run_name}" if args.capture_video else None  # only the final (or eval-only) evaluation
-    eval_env = make_env(args.env_id, args.seed + 10_000, video_dir if args.eval_checkpoint else None)
-    if args.capture_video and not args.eval_checkpoint:
-        make_env(args.env_id, args.seed + 10_000, video_dir).close()  # check now that rendering works
+    eval_env = make_eval_env(args, run_name, record=bool(args.eval_checkpoint))
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
 
@@ -302,20 +302,15 @@ def main(args: Args):
     actor_target.load_state_dict(actor.state_dict())
     qf_target.load_state_dict(qf.state_dict())
     actor_target.requires_grad_(False), qf_target.requires_grad_(False)
-    fused = device.type in ("cpu", "cuda")  # one fused Adam kernel per optimizer instead of a loop over tensors
+    fused = device.type in ("cpu", "cuda")  # one fused Adam kernel per optimiser instead of a loop over tensors
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=fused)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=fused)
     state = dict(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, q_optimizer=q_optimizer,
                  actor_optimizer=actor_optimizer)  # what a checkpoint holds
     start_step = restore(state, checkpoint, args) if checkpoint is not None else 0
-    if args.eval_checkpoint:  # evaluation-only mode
-        seed = args.eval_seed if args.eval_seed is not None else checkpoint["args"]["seed"]
-        returns = evaluate(actor, eval_env, args.eval_episodes, seed + 10_000, device)
-        print(f"evaluation of {args.eval_checkpoint} (step {start_step}) on {args.env_id}: "
-              f"{describe_returns(returns, reference_scores(args.env_id))}")
-        eval_env.close()
-        return returns
 
+    if args.eval_checkpoint:  # evaluation-only mode
+        return evaluate_checkpoint(actor, eval_env, args, start_step, device)
     for network in (actor, actor_target, qf, qf_target) if args.compile else ():
         network.compile()  # torch.compile of the forward passes, in place (same parameter names in checkpoints)
     writer = make_writer(args, run_name)
@@ -328,6 +323,14 @@ def main(args: Args):
     updates_begin = start_step + args.learning_starts
     metrics, recent_returns, critic_updates = {}, [], 0
     progress = Progress(start_step, args.total_timesteps)
+
+    def run_evaluation(step):
+        with progress.paused():  # evaluations and checkpoints do not count as training time
+            returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
+            log_evaluation(writer, returns, step, args.env_id)
+            if args.save_model:
+                save_checkpoint(f"runs/{run_name}/{SCRIPT}.pt", args, step, state)
+        return returns
 
     obs, _ = env.reset(seed=args.seed)
     for global_step in range(start_step, args.total_timesteps):
@@ -361,23 +364,25 @@ def main(args: Args):
         step = global_step + 1
         if step % args.log_every == 0 or step == args.total_timesteps:
             log_progress(writer, progress, step, metrics, recent_returns, warming_up=step <= updates_begin)
-        if step % args.eval_every == 0 or step == args.total_timesteps:
-            if step == args.total_timesteps and args.capture_video:  # record the final evaluation
-                eval_env.close()
-                eval_env = make_env(args.env_id, args.seed + 10_000, video_dir)
-            with progress.paused():
-                eval_returns = evaluate_and_save(actor, eval_env, step, args, device, writer, state, run_name)
+        if step % args.eval_every == 0 and step != args.total_timesteps:
+            run_evaluation(step)
 
+    # Final evaluation (with video if asked), checkpoint and datasets; a failed export falls back to the run folder.
+    if args.capture_video:
+        eval_env.close()
+        eval_env = make_eval_env(args, run_name, record=True)
+    eval_returns = run_evaluation(args.total_timesteps)
     print(f"final evaluation: {describe_returns(eval_returns, reference_scores(args.env_id))}")
+    if args.save_model:
+        print(f"saved checkpoint to runs/{run_name}/{SCRIPT}.pt")
     if replay_log is not None:
-        replay_log.save(args.export_replay, args.export_minari, args.env_id, f"{SCRIPT}.py training transitions, steps "
-                        f"{start_step}-{args.total_timesteps}, seed {args.seed}", fallback_folder=f"runs/{run_name}")
+        source = f"{SCRIPT}.py training transitions, steps {start_step}-{args.total_timesteps}, seed {args.seed}"
+        replay_log.save(args.export_replay, args.export_minari, args.env_id, source, f"runs/{run_name}")
     if args.export_rollouts or args.export_rollouts_minari:
-        export_rollouts(actor, args, device, args.total_timesteps, fallback_folder=f"runs/{run_name}")
-    for closable in (env, eval_env, writer):
-        closable.close()
-    if args.track:
-        __import__("wandb").finish()
+        export_rollouts(actor, args, device, args.total_timesteps, f"runs/{run_name}")
+    env.close()
+    eval_env.close()
+    close_writer(args, writer)
     return eval_returns
 
 
@@ -417,6 +422,27 @@ def validate_args(args: Args):
             fail("--capture-video needs moviepy: pip install moviepy (MuJoCo on a headless machine: MUJOCO_GL=egl)")
 
 
+# D4RL's random (0) and expert (100) returns for the normalised score (docs/datasets.md), measured on the v2 envs.
+D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                   "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def reference_scores(env_id: str) -> tuple[float, float] | None:
+    """(random, expert) returns for a D4RL locomotion task, e.g. "Hopper-v5" -> hopper's; None for other tasks."""
+    return D4RL_REF_SCORES.get(env_id.split("-v")[0].lower())
+
+
+def normalized_score(mean_return: float, refs: tuple[float, float] | None) -> float | None:
+    """100 (R - R_random) / (R_expert - R_random), or None without references (docs/datasets.md)."""
+    return None if refs is None else 100.0 * (mean_return - refs[0]) / (refs[1] - refs[0])
+
+
+def describe_returns(returns: np.ndarray, refs: tuple[float, float] | None) -> str:
+    text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
+    score = normalized_score(returns.mean(), refs)
+    return text if score is None else f"{text} (normalized score {score:.1f}, D4RL v2 references)"
+
+
 def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     """One checked Gymnasium env (not a vector env: `next_obs` at an episode end is the real final observation)."""
     try:
@@ -426,8 +452,8 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     except gym.error.Error as error:
         fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
     except Exception as error:  # e.g. MUJOCO_GL naming a rendering backend that is not installed
-        fail(f"cannot make environment '{env_id}' ({type(error).__name__}: {str(error)[:200]}); if MUJOCO_GL is set, "
-             "check that its backend (egl or osmesa) is installed".replace("\n", " "))
+        fail(f"cannot make environment '{env_id}' ({type(error).__name__}: {str(error).partition(chr(10))[0]}); "
+             "if MUJOCO_GL is set, check that its backend (egl or osmesa) is installed")
     space = env.action_space
     if not isinstance(space, gym.spaces.Box):
         fail(f"{env_id} has a {type(space).__name__} action space; TD3 needs a continuous Box action space "
@@ -451,6 +477,15 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None) -> gym.Env:
     return env
 
 
+def make_eval_env(args, run_name: str, record: bool) -> gym.Env:
+    """The evaluation env, seeded apart from training's. --capture-video records only when `record` (the final or
+    the evaluation-only evaluation); otherwise it checks now that rendering works."""
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    if video_dir and not record:
+        make_env(args.env_id, args.seed + 10_000, video_dir).close()
+    return make_env(args.env_id, args.seed + 10_000, video_dir if record else None)
+
+
 def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Map a policy action in [-1, 1] to the env's own bounds, per dimension: low + (a + 1) (high - low) / 2."""
     return low + 0.5 * (action + 1.0) * (high - low)
@@ -458,128 +493,38 @@ def to_env_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.n
 
 @torch.inference_mode()
 def evaluate(actor: Actor, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
-    """Returns of the deterministic policy pi(s), no exploration noise; episode i resets with seed + i, so every
-    evaluation, in training or from a checkpoint, starts from the same states."""
+    """Returns of `episodes` episodes of the deterministic policy pi(s), without exploration noise. Episode i resets
+    with seed + i, so every evaluation (in training, or later from a checkpoint) starts from the same initial states."""
+    low, high = env.action_space.low, env.action_space.high
     returns = np.zeros(episodes)
     for episode in range(episodes):
-        obs, done = env.reset(seed=seed + episode)[0], False
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
         while not done:
-            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(to_env_action(action, env.action_space.low,
-                                                                           env.action_space.high))
-            returns[episode], done = returns[episode] + reward, terminated or truncated
+            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            obs, reward, terminated, truncated, _ = env.step(to_env_action(action[0].cpu().numpy(), low, high))
+            returns[episode] += reward
+            done = terminated or truncated
     return returns
 
 
-def evaluate_and_save(actor, eval_env, step: int, args: Args, device, writer, state: dict, run_name: str):
-    """Evaluate, log and print the returns; with --save-model, write the checkpoint."""
+def evaluate_checkpoint(actor: Actor, eval_env: gym.Env, args: Args, step: int, device: torch.device) -> np.ndarray:
+    """Evaluation-only mode: print and return the loaded policy's returns over --eval-episodes episodes."""
     returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
-    refs = reference_scores(args.env_id)
-    writer.add_scalar("eval/episodic_return", returns.mean(), step)
-    if refs is not None:
-        writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), refs), step)
-    print(f"eval at step {step}: {describe_returns(returns, refs)}")
-    if args.save_model:
-        path, items = f"runs/{run_name}/{SCRIPT}.pt", {name: module.state_dict() for name, module in state.items()}
-        checkpoint = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step, **items)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
-        if step == args.total_timesteps:
-            print(f"saved checkpoint to {path}")
+    print(f"evaluation of {args.eval_checkpoint} (step {step}, seed {args.seed}) on {args.env_id}: "
+          f"{describe_returns(returns, reference_scores(args.env_id))}")
+    eval_env.close()
     return returns
 
 
-def log_progress(writer, progress, step: int, metrics: dict, recent_returns: list, warming_up: bool):
-    """Write the latest losses and the speed to TensorBoard and print a progress line: the loop's only host syncs."""
-    if metrics:
-        (qf1_loss, qf2_loss), (qf1_value, qf2_value) = metrics["qf_losses"].tolist(), metrics["q_values"].tolist()
-        scalars = {"qf1_loss": qf1_loss, "qf2_loss": qf2_loss, "qf_loss": qf1_loss + qf2_loss, "qf1_values": qf1_value,
-                   "qf2_values": qf2_value}
-        if "actor_loss" in metrics:
-            scalars["actor_loss"] = metrics["actor_loss"].item()
-        for tag, value in scalars.items():
-            writer.add_scalar(f"losses/{tag}", value, step)
-    sps, eta = progress.tick(step, warming_up)
-    writer.add_scalar("charts/SPS", sps, step)
-    recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-    print(f"step {step}/{progress.total} | {sps:.0f} SPS | ETA {eta} | recent return {recent}", flush=True)
-
-
-def make_writer(args, run_name: str) -> SummaryWriter:
-    """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
-    patch only sees writers created after wandb.init."""
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track needs Weights & Biases: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
-
-
-class Progress:
-    """Speed over the last logging interval, evaluation time left out, and the time left at that speed. (An average
-    since the start would count the random warm-up and the evaluations.)"""
-
-    def __init__(self, step: int, total: int):
-        self.total, self.step, self.clock = total, step, time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self):  # wrap evaluations and checkpoints: their time does not count as training time
-        start = time.perf_counter()
-        yield
-        self.clock += time.perf_counter() - start
-
-    def tick(self, step: int, warming_up: bool = False) -> tuple[float, str]:
-        """Steps per second since the last tick, and the ETA text; starts the next interval. During a random
-        warm-up the speed says nothing about training, so the ETA waits."""
-        now = time.perf_counter()
-        sps = (step - self.step) / max(now - self.clock, 1e-9)
-        self.step, self.clock = step, now
-        if warming_up:
-            return sps, "after warm-up"
-        eta = (self.total - step) / max(sps, 1e-9)
-        return sps, f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
-
-
-# D4RL's random (score 0) and expert (100) returns (docs/datasets.md); measured on v2 envs, approximate on v5.
-D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                   "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
-
-
-def reference_scores(env_id: str) -> tuple[float, float] | None:
-    return D4RL_REF_SCORES.get(env_id.split("-v")[0].lower())  # "Hopper-v5" -> hopper's; None for other tasks
-
-
-def normalized_score(mean_return: float, refs: tuple[float, float] | None) -> float | None:
-    """100 (R - R_random) / (R_expert - R_random), or None without references (docs/datasets.md)."""
-    return None if refs is None else 100.0 * (mean_return - refs[0]) / (refs[1] - refs[0])
-
-
-def describe_returns(returns: np.ndarray, refs: tuple[float, float] | None) -> str:
-    text = f"{returns.mean():.1f} +- {returns.std():.1f} over {len(returns)} episodes"
-    score = normalized_score(returns.mean(), refs)
-    return text if score is None else f"{text} (normalized score {score:.1f}, D4RL v2 references)"
-
-
-def checkpoint_settings(args: Args) -> dict | None:
-    """Load the checkpoint of --resume or --eval-checkpoint, if any: it decides the env and the network shapes, and a
-    resumed run must go past its step."""
-    if not (args.resume or args.eval_checkpoint):
-        return None
-    checkpoint = load_checkpoint(args.resume or args.eval_checkpoint)
-    saved = checkpoint["args"]
-    for key, value in [("env_id", saved["env_id"]), ("hidden_dims", tuple(saved["hidden_dims"]))]:
-        if getattr(args, key) != value:
-            print(f"note: --{key.replace('_', '-')} {value} from the checkpoint")
-        setattr(args, key, value)
-    if args.resume and args.total_timesteps <= checkpoint["global_step"]:
-        fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
-             f"({checkpoint['global_step']}) to resume training")
-    return checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, args: Args, step: int, state: dict, **tensors):
+    """Write the state dicts of `state` (networks and optimisers) and any extra tensors, atomically."""
+    checkpoint = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step, **tensors,
+                      **{name: module.state_dict() for name, module in state.items()})
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -601,6 +546,21 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def adopt_checkpoint_settings(args: Args, checkpoint: dict):
+    """The checkpoint decides the env and the network shapes; evaluation-only mode also takes its seed (the same
+    start states as the run's own evaluations) unless --eval-seed is given."""
+    saved = checkpoint["args"]
+    for key, value in [("env_id", saved["env_id"]), ("hidden_dims", tuple(saved["hidden_dims"]))]:
+        if getattr(args, key) != value:
+            print(f"note: --{key.replace('_', '-')} {value} from the checkpoint")
+        setattr(args, key, value)
+    if args.resume and args.total_timesteps <= checkpoint["global_step"]:
+        fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
+             f"({checkpoint['global_step']}) to resume training")
+    if args.eval_checkpoint:
+        args.seed = args.eval_seed if args.eval_seed is not None else saved["seed"]
+
+
 def restore(state: dict, checkpoint: dict, args: Args) -> int:
     """Load networks, targets and optimizer states in place and return the step; the command line's learning rates
     apply from here on."""
@@ -615,6 +575,9 @@ def restore(state: dict, checkpoint: dict, args: Args) -> int:
     return int(checkpoint["global_step"])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Offline data in the docs/datasets.md layout, files, logging and errors
+# ----------------------------------------------------------------------------------------------------------------------
 class TransitionLog:
     """Host-side record of transitions (actions in env units, real final observations) for an .npz file."""
 
@@ -798,6 +761,79 @@ def write_with_fallback(path: str, write, fallback_folder: str) -> str:
         print(f"warning: cannot write {path} ({error.strerror}); writing {fallback} instead")
         atomic_write(fallback, write)
         return fallback
+
+
+def make_writer(args, run_name: str) -> SummaryWriter:
+    """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
+    patch only sees writers created after wandb.init."""
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def close_writer(args, writer: SummaryWriter):
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
+def log_progress(writer, progress, step: int, metrics: dict, recent_returns: list, warming_up: bool):
+    """Write the latest losses and the speed to TensorBoard and print a progress line: the loop's only host syncs."""
+    if metrics:
+        (qf1_loss, qf2_loss), (qf1_value, qf2_value) = metrics["qf_losses"].tolist(), metrics["q_values"].tolist()
+        scalars = {"qf1_loss": qf1_loss, "qf2_loss": qf2_loss, "qf_loss": qf1_loss + qf2_loss, "qf1_values": qf1_value,
+                   "qf2_values": qf2_value}
+        if "actor_loss" in metrics:
+            scalars["actor_loss"] = metrics["actor_loss"].item()
+        for tag, value in scalars.items():
+            writer.add_scalar(f"losses/{tag}", value, step)
+    sps, eta = progress.tick(step, warming_up)
+    writer.add_scalar("charts/SPS", sps, step)
+    recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+    print(f"step {step}/{progress.total} | {sps:.0f} SPS | ETA {eta} | recent return {recent}", flush=True)
+
+
+def log_evaluation(writer: SummaryWriter, returns: np.ndarray, step: int, env_id: str):
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    score = normalized_score(returns.mean(), reference_scores(env_id))
+    if score is not None:
+        writer.add_scalar("eval/normalized_score", score, step)
+    print(f"eval at step {step}: {describe_returns(returns, reference_scores(env_id))}")
+
+
+class Progress:
+    """Speed over the last logging interval, evaluation time left out, and the time left at that speed. (An average
+    since the start would count the random warm-up and the evaluations.)"""
+
+    def __init__(self, step: int, total: int):
+        self.total, self.step, self.clock = total, step, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):  # wrap evaluations and checkpoints: their time does not count as training time
+        start = time.perf_counter()
+        yield
+        self.clock += time.perf_counter() - start
+
+    def tick(self, step: int, warming_up: bool = False) -> tuple[float, str]:
+        """Steps per second since the last tick, and the ETA text; starts the next interval. During a random
+        warm-up the speed says nothing about training, so the ETA waits."""
+        now = time.perf_counter()
+        sps = (step - self.step) / max(now - self.clock, 1e-9)
+        self.step, self.clock = step, now
+        if warming_up:
+            return sps, "after warm-up"
+        eta = (self.total - step) / max(sps, 1e-9)
+        return sps, f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
 
 
 def fail(message: str):
