@@ -396,7 +396,7 @@ def main(args: Args):
     checkpoint = load_checkpoint(args.eval_checkpoint) if args.eval_checkpoint else None
     if checkpoint is not None:  # the checkpoint decides the architecture, normalisers and env; sampling flags stay
         env_id, env_kwargs, obs_dim, act_dim, state_norm, action_norm, returns_offset, returns_scale, refs = \
-            settings_from_checkpoint(args, checkpoint)
+            adopt_checkpoint_settings(args, checkpoint)
         source = f"checkpoint {args.eval_checkpoint}"
     else:
         data = load_dataset(args.dataset, args.download_dataset, args.env_id)
@@ -488,10 +488,7 @@ def main(args: Args):
     if args.save_model:
         print(f"saved checkpoint to {checkpoint_path}")
     envs.close()
-    writer.close()
-    if args.track:
-        import wandb
-        wandb.finish()
+    close_writer(args, writer)
     return eval_returns
 
 
@@ -774,6 +771,14 @@ def make_writer(args, run_name: str) -> SummaryWriter:
     return writer
 
 
+def close_writer(args, writer: SummaryWriter):
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
 def atomic_write(path: str, write):
     """Write through `write(file)` into a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash leaves the old file or the new one, never half of one."""
@@ -812,7 +817,7 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def settings_from_checkpoint(args: Args, checkpoint: dict):
+def adopt_checkpoint_settings(args: Args, checkpoint: dict):
     """Evaluation-only mode: the checkpoint's architecture flags, episode seed, env, normalisers and references."""
     for key in ("horizon", "n_diffusion_steps", "dim", "dim_mults", "kernel_size", "inv_hidden_dim", "normalizer",
                 "cdf_knots"):

@@ -313,7 +313,7 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.eval_checkpoint:  # evaluation-only mode: model settings, env, normalisation and targets come from it
         checkpoint = load_checkpoint(args.eval_checkpoint)
-        task = checkpoint_task(checkpoint, args)
+        task = adopt_checkpoint_settings(args, checkpoint)
         eval_seed = args.eval_seed if args.eval_seed is not None else checkpoint["args"]["seed"]
     else:
         data = load_dataset(args.dataset, args.download_dataset)
@@ -395,11 +395,7 @@ def main(args: Args):
 
     for target, text in zip(task["target_returns"], evaluate_and_save(args.total_steps)):
         print(f"final evaluation (target {target:g}): {text}")
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
+    close_writer(args, writer)
 
 
 # ======================================================================================================================
@@ -517,7 +513,7 @@ def read_file(path: str) -> dict:
         fail(f"cannot read dataset '{path}' ({error}); it is corrupt or not an HDF5 file: download or write it again")
 
 
-def read_minari(dataset_id: str, download: bool) -> dict:
+def load_minari(dataset_id: str, download: bool) -> dict:
     """Minari episodes hold T + 1 observations s_0..s_T: observations = s_0..s_T-1."""
     try:
         import minari
@@ -559,7 +555,7 @@ def load_dataset(source: str, download: bool = False) -> dict:
     if source.endswith((".npz", ".hdf5", ".h5")) or os.path.exists(source) or "/" not in source:
         data = {**read_file(source), "ref_source": "the dataset file's references"}
     else:
-        data = read_minari(source, download)
+        data = load_minari(source, download)
     keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     if any(key not in data for key in keys):
         fail(f"dataset '{source}' lacks the keys {[k for k in keys if k not in data]}; see docs/datasets.md")
@@ -652,7 +648,7 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def checkpoint_task(checkpoint: dict, args: Args) -> dict:
+def adopt_checkpoint_settings(args: Args, checkpoint: dict) -> dict:
     """The checkpoint's model settings and task (see dataset_task); --env-id and --target-returns override its own."""
     for key in MODEL_KEYS:
         setattr(args, key, checkpoint["args"][key])
@@ -677,6 +673,14 @@ def make_writer(args, run_name: str) -> SummaryWriter:
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
+
+
+def close_writer(args, writer: SummaryWriter):
+    writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
 
 
 class Progress:
