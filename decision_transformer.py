@@ -327,7 +327,7 @@ def main(args: Args):
     model = DecisionTransformer(task["obs_dim"], task["act_dim"], low, high, args.embed_dim, args.n_layers,
                                 args.n_heads, args.dropout, args.max_ep_len).to(device)
 
-    def run_evaluation(final=False):  # --capture-video records the final (or evaluation-only) evaluation
+    def evaluate_targets(final=False):  # --capture-video records the final (or evaluation-only) evaluation
         recording = final and video_dir is not None
         returns = evaluate(model, recording_env_fn(task, eval_seed, args.eval_episodes, video_dir) if recording
                            else env_fn, task["target_returns"], args.eval_episodes, eval_seed + 10_000,
@@ -340,7 +340,7 @@ def main(args: Args):
             model.load_state_dict(checkpoint["model"])
         except (RuntimeError, KeyError) as error:
             fail(f"checkpoint '{args.eval_checkpoint}' does not match its own settings ({error}); re-create it")
-        returns, texts = run_evaluation(final=True)
+        returns, texts = evaluate_targets(final=True)
         for target, text in zip(task["target_returns"], texts):
             print(f"evaluation of {args.eval_checkpoint} (step {checkpoint['global_step']}) on {task['env_id']}, "
                   f"target {target:g}: {text}")
@@ -360,8 +360,8 @@ def main(args: Args):
           f"{episode_returns.mean():.1f}, best {episode_returns.max():.1f}) -> {task['env_id']}, device {device}, "
           f"{sum(p.numel() for p in model.parameters())} parameters, targets {task['target_returns']}")
 
-    def evaluate_and_save(step):
-        returns, texts = run_evaluation(final=step == args.total_steps)
+    def run_evaluation(step):
+        returns, texts = evaluate_targets(final=step == args.total_steps)
         for target, target_returns, text in zip(task["target_returns"], returns, texts):
             writer.add_scalar(f"eval/return_target_{target:g}", target_returns.mean(), step)
             if task["refs"] is not None:
@@ -391,9 +391,9 @@ def main(args: Args):
                   flush=True)
         if step % args.eval_every == 0 and step != args.total_steps:
             with progress.paused():
-                evaluate_and_save(step)
+                run_evaluation(step)
 
-    for target, text in zip(task["target_returns"], evaluate_and_save(args.total_steps)):
+    for target, text in zip(task["target_returns"], run_evaluation(args.total_steps)):
         print(f"final evaluation (target {target:g}): {text}")
     close_writer(args, writer)
 
