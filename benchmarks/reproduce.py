@@ -20,13 +20,14 @@ Outputs in OUTPUT: `evaluations.csv` (one row per run and evaluation), `TASK.md`
 evaluation return over seeds, mean +- std, interquartile mean with a 95% percentile-bootstrap interval, normalized
 score, and the published numbers of `benchmarks/published.csv` for that task with their protocol and step count) and
 `TASK.png` and `TASK.svg` (mean over seeds per script against environment steps, with a 95% bootstrap band, published
-numbers as marked points). `--aggregate-only` rebuilds these from the runs already there.
+numbers up to 1.2x the runs' steps as marked points). `--aggregate-only` rebuilds these from the runs already there.
 """
 
 import argparse
 import csv
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -229,11 +230,13 @@ def read_evaluations(runs: list) -> list:
     return rows
 
 
-def published_for(task: str) -> list:
-    """Published rows for a task ("Hopper-v5" matches task Hopper of any version)."""
+def published_for(task: str, max_steps: float = math.inf) -> list:
+    """Published rows for a task ("Hopper-v5" matches task Hopper of any version) up to max_steps, fewest steps
+    first."""
     name = task.split("-v")[0].lower()
     with open(PUBLISHED) as file:
-        return [row for row in csv.DictReader(file) if row["task"].lower() == name]
+        rows = [row for row in csv.DictReader(file) if row["task"].lower() == name and int(row["steps"]) <= max_steps]
+    return sorted(rows, key=lambda row: int(row["steps"]))
 
 
 def final_results(rows: list) -> dict:
@@ -287,7 +290,9 @@ def plot(task: str, rows: list, path: str):
             kept.append(step), means.append(np.mean(values)), lows.append(low), highs.append(high)
         line, = axes.plot(kept, means, label=f"{label} ({len({row['seed'] for row in mine})} seeds)")
         axes.fill_between(kept, lows, highs, color=line.get_color(), alpha=0.2)
-    for marker, row in zip("ovs^D<>pP*", published_for(task)):
+    # Published points within the runs' range only (the table lists them all): a 1M-step point would squash a
+    # 100k-step curve into the left tenth of the picture.
+    for marker, row in zip("ovs^D<>pP*", published_for(task, max_steps=1.2 * max(row["step"] for row in rows))):
         axes.plot(int(row["steps"]), float(row["return"]), marker, color="black", fillstyle="none",
                   label=f"{row['source']} ({row['algorithm'].upper()}, {row['task']}-{row['env_version']})")
     axes.set_xlabel("environment steps" if not any(row["script"] in OFFLINE for row in rows) else "training steps")

@@ -117,3 +117,15 @@ def test_bootstrap_interval_of_the_iqm_against_the_exact_bootstrap_distribution(
     assert (low, high) == (0.0, 2.5)
     # A sample with no spread has a zero-width interval.
     assert reproduce.bootstrap_interval([3.0, 3.0, 3.0]) == (3.0, 3.0)
+
+
+def test_published_numbers_are_those_of_the_task_and_the_picture_keeps_those_within_its_steps():
+    """Every task of the harness has published rows; the picture marks only those within 1.2 x the runs' last step
+    (a 1M-step point would squash a 100k-step curve), and both lists run from the fewest steps."""
+    for task in ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"):
+        every = reproduce.published_for(task)
+        assert every and all(row["task"] == task.split("-v")[0] for row in every)
+        assert [int(row["steps"]) for row in every] == sorted(int(row["steps"]) for row in every)
+        in_range = reproduce.published_for(task, max_steps=120_000)
+        assert in_range and {int(row["steps"]) for row in in_range} == {100_000}
+        assert len(in_range) < len(every)
