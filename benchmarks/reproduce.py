@@ -84,7 +84,7 @@ def plan_runs(args, extra: list) -> list:
                 command = [sys.executable, os.path.join(ROOT, script), "--dataset" if offline else "--env-id",
                            task_arg, "--seed", str(seed), "--total-steps" if offline else "--total-timesteps",
                            str(args.total_timesteps), *extra]
-                runs.append(Run(script, task_arg, seed, folder, command))
+                runs.append(Run(script, task, seed, folder, command))  # tables name the task as it was given
     return runs
 
 
@@ -216,7 +216,8 @@ def write_csv(path: str, rows: list):
 
 
 def read_evaluations(runs: list) -> list:
-    """The evaluations of every finished run, from the `evaluations.csv` each wrote when it finished."""
+    """The evaluations of every finished run, from the `evaluations.csv` each wrote when it finished, under the task
+    as this invocation names it (a run made in another clone holds that clone's absolute dataset path)."""
     rows = []
     for run in runs:
         path = os.path.join(run.folder, "evaluations.csv")
@@ -224,7 +225,7 @@ def read_evaluations(runs: list) -> list:
             continue
         with open(path) as file:
             for row in csv.DictReader(file):
-                rows.append(dict(row, seed=int(row["seed"]), step=int(row["step"]),
+                rows.append(dict(row, task=run.task, seed=int(row["seed"]), step=int(row["step"]),
                                  episodic_return=float(row["episodic_return"]),
                                  normalized_score=float(row["normalized_score"]) if row["normalized_score"] else ""))
     return rows

@@ -75,20 +75,36 @@ def test_a_failed_run_is_reported_with_its_last_log_line_and_run_again_next_time
     assert "1 runs: 0 finished before, 1 to run" in second.stdout
 
 
-def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path):
-    dataset = tmp_path / "replay.npz"
-    dataset.write_bytes(b"")
-    plan = SimpleNamespace(scripts=["decision_transformer.py"], datasets=[str(dataset), "mujoco/hopper/medium-v0"],
+def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "replay.npz").write_bytes(b"")
+    plan = SimpleNamespace(scripts=["decision_transformer.py"], datasets=["data/replay.npz", "mujoco/hopper/medium-v0"],
                            env_ids=[], seeds=[1, 2], total_timesteps=300, output_dir=str(tmp_path / "out"))
     runs = reproduce.plan_runs(plan, ["--batch-size", "8"])
     assert len(runs) == 4
     first = runs[0].command
-    assert first[1:] == [os.path.join(ROOT, "decision_transformer.py"), "--dataset", str(dataset), "--seed", "1",
+    dataset = str(tmp_path / "data" / "replay.npz")  # absolute: each run works in its own folder
+    assert first[1:] == [os.path.join(ROOT, "decision_transformer.py"), "--dataset", dataset, "--seed", "1",
                          "--total-steps", "300", "--batch-size", "8"]
+    assert runs[0].task == "data/replay.npz"  # the tables name it as the user did, on any machine
     assert runs[0].folder.endswith(os.path.join("jobs", "decision_transformer", "replay", "seed1"))
     assert [run.seed for run in runs] == [1, 2, 1, 2]  # task by task, then seed by seed
     assert runs[2].command[3] == "mujoco/hopper/medium-v0"  # a Minari id is passed as it is
     assert runs[2].folder.endswith(os.path.join("decision_transformer", "mujoco_hopper_medium-v0", "seed1"))
+
+
+def test_aggregation_names_each_task_as_this_invocation_does(tmp_path):
+    """A run made in another clone wrote that clone's absolute dataset path into its evaluations.csv."""
+    run = reproduce.Run("decision_transformer.py", "data/replay.npz", 1, str(tmp_path), [])
+    reproduce.write_csv(str(tmp_path / "evaluations.csv"), [dict(
+        script=run.script, label="decision_transformer (target 6000)", task="/elsewhere/data/replay.npz", seed=1,
+        step=500, episodic_return=12.5, normalized_score=3.0)])
+    assert reproduce.read_evaluations([run]) == []  # not finished: no done.json yet
+    (tmp_path / "done.json").write_text("{}")
+    rows = reproduce.read_evaluations([run])
+    assert [(row["task"], row["step"], row["episodic_return"], row["normalized_score"]) for row in rows] == [
+        ("data/replay.npz", 500, 12.5, 3.0)]
 
 
 def test_interquartile_mean_by_hand():
