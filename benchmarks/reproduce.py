@@ -289,7 +289,7 @@ def plot(task: str, rows: list, path: str):
             values = [row["episodic_return"] for row in mine if row["step"] == step]
             low, high = bootstrap_interval(values, statistic=np.mean, resamples=2000)
             kept.append(step), means.append(np.mean(values)), lows.append(low), highs.append(high)
-        line, = axes.plot(kept, means, label=f"{label} ({len({row['seed'] for row in mine})} seeds)")
+        line, = axes.plot(kept, means, marker=".", label=f"{label} ({len({row['seed'] for row in mine})} seeds)")
         axes.fill_between(kept, lows, highs, color=line.get_color(), alpha=0.2)
     # Published points within the runs' range only (the table lists them all): a 1M-step point would squash a
     # 100k-step curve into the left tenth of the picture.
@@ -298,7 +298,7 @@ def plot(task: str, rows: list, path: str):
                   label=f"{row['source']} ({row['algorithm'].upper()}, {row['task']}-{row['env_version']})")
     axes.set_xlabel("environment steps" if not any(row["script"] in OFFLINE for row in rows) else "training steps")
     axes.set_ylabel("evaluation return")
-    axes.set_title(f"{task}: mean over seeds, 95% bootstrap band")
+    axes.set_title(f"{task_slug(task)}: mean over seeds, 95% bootstrap band")  # a dataset by its file name
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
