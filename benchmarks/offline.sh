@@ -25,8 +25,8 @@ dd_flags=(--horizon 4 --dim 32 --dim-mults 1 2 --n-diffusion-steps 20 --batch-si
   --eval-episodes 10 --log-every 2000)
 
 if [[ $what == data || $what == all ]]; then
-  # 100k SAC steps: every transition ("medium-replay" style: on set B of RESULTS.md, returns from -439.5 to 5045.4), and 100k steps of
-  # the final stochastic policy ("medium" style, returns about 5100).
+  # 100k SAC steps: every transition ("medium-replay" style; set B of RESULTS.md: returns from -439.5 to 5045.4),
+  # and 100k steps of the final stochastic policy ("medium" style, returns about 5100).
   python sac_continuous.py --env-id HalfCheetah-v5 --seed 1 --total-timesteps 100000 --eval-every 20000 \
     --eval-episodes 5 --log-every 10000 --export-replay "$replay" \
     --export-rollouts benchmarks/data/halfcheetah_sac_medium_100k.npz --export-rollout-steps 100000 \
