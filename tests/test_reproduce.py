@@ -107,6 +107,19 @@ def test_aggregation_names_each_task_as_this_invocation_does(tmp_path):
         ("data/replay.npz", 500, 12.5, 3.0)]
 
 
+def test_the_picture_of_a_dataset_is_titled_by_its_file_name(tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays text in the SVG
+    rows = [dict(script="decision_diffuser.py", label="decision_diffuser", task="/some/where/data/replay.npz", seed=seed,
+                 step=step, episodic_return=float(step + seed), normalized_score="")
+            for seed in (1, 2) for step in (100, 200, 300)]
+    reproduce.plot("/some/where/data/replay.npz", rows, str(tmp_path / "replay"))
+    svg = (tmp_path / "replay.svg").read_text()
+    assert "replay: mean over seeds" in svg and "/some/where" not in svg
+    assert "training steps" in svg  # an offline script's x axis
+
+
 def test_interquartile_mean_by_hand():
     assert reproduce.interquartile_mean([8, 1, 7, 2, 6, 3, 5, 4]) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
     assert reproduce.interquartile_mean([1, 2, 3, 100]) == pytest.approx(2.5)  # mean of 2, 3
