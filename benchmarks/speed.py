@@ -82,16 +82,15 @@ def main():
     parser.add_argument("--warmup-updates", type=int, default=1000, help="untimed steps with updates")
     parser.add_argument("--timed-steps", type=int, default=3000, help="timed steps (env step + update)")
     parser.add_argument("--no-compile", action="store_true", help="skip the --compile runs")
+    parser.add_argument("--no-sb3", action="store_true", help="time our script only (e.g. where SB3 is not installed)")
     parser.add_argument("--sb3-flush-denormal", action="store_true",
                         help="also run SB3 with torch.set_flush_denormal(True), which our scripts set")
     args = parser.parse_args()
 
     script, sb3_name = f"{args.algo}_continuous.py", f"Stable-Baselines3 {args.algo.upper()}"
     timing = (args.warmup, args.warmup_updates, args.timed_steps)
-    runners = {
-        sb3_name: lambda: run_sb3(args.algo, *timing),
-        script: lambda: run_ours(script, *timing, compile=False),
-    }
+    runners = {} if args.no_sb3 else {sb3_name: lambda: run_sb3(args.algo, *timing)}
+    runners[script] = lambda: run_ours(script, *timing, compile=False)
     if args.sb3_flush_denormal:
         runners[f"{sb3_name}, flush denormals"] = lambda: run_sb3(args.algo, *timing, flush_denormal=True)
     if not args.no_compile:
@@ -103,16 +102,17 @@ def main():
             results[name].append(runners[name]())
             print(f"repeat {repeat + 1}: {name}: {results[name][-1]:.1f} updates/s", flush=True)
 
-    import stable_baselines3
     import torch
 
-    baseline = statistics.median(results[sb3_name])
-    print(f"\nHopper-v5, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"stable-baselines3 {stable_baselines3.__version__}, {os.cpu_count()} CPUs, median of {args.repeats}")
+    sb3 = "" if args.no_sb3 else f"stable-baselines3 {__import__('stable_baselines3').__version__}, "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"  # where our scripts trained
+    baseline = None if args.no_sb3 else statistics.median(results[sb3_name])
+    print(f"\nHopper-v5, torch {torch.__version__}, {torch.get_num_threads()} threads, {sb3}{os.cpu_count()} CPUs, "
+          f"ours on {device}, median of {args.repeats}")
     print("| implementation | updates/s (median) | runs | vs SB3 |\n|---|---|---|---|")
     for name, values in results.items():
-        runs = ", ".join(f"{value:.0f}" for value in values)
-        print(f"| {name} | {statistics.median(values):.1f} | {runs} | {statistics.median(values) / baseline:.2f}x |")
+        runs, median = ", ".join(f"{value:.0f}" for value in values), statistics.median(values)
+        print(f"| {name} | {median:.1f} | {runs} | {'n/a' if baseline is None else f'{median / baseline:.2f}x'} |")
 
 
 if __name__ == "__main__":
