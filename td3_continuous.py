@@ -812,8 +812,7 @@ def log_evaluation(writer: SummaryWriter, returns: np.ndarray, step: int, env_id
 
 
 class Progress:
-    """Speed over the last logging interval, evaluation time left out, and the time left at that speed. (An average
-    since the start would count the random warm-up and the evaluations.)"""
+    """Steps per second over the last logging interval, evaluations left out, and the time left at that speed."""
 
     def __init__(self, step: int, total: int):
         self.total, self.step, self.clock = total, step, time.perf_counter()
@@ -825,15 +824,11 @@ class Progress:
         self.clock += time.perf_counter() - start
 
     def tick(self, step: int, warming_up: bool = False) -> tuple[float, str]:
-        """Steps per second since the last tick, and the ETA text; starts the next interval. During a random
-        warm-up the speed says nothing about training, so the ETA waits."""
+        """The speed since the last tick and the ETA text (none during a random warm-up); starts the next interval."""
         now = time.perf_counter()
-        sps = (step - self.step) / max(now - self.clock, 1e-9)
-        self.step, self.clock = step, now
-        if warming_up:
-            return sps, "after warm-up"
-        eta = (self.total - step) / max(sps, 1e-9)
-        return sps, f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+        sps, self.step, self.clock = (step - self.step) / max(now - self.clock, 1e-9), step, now
+        eta = int((self.total - step) / max(sps, 1e-9))
+        return sps, "after warm-up" if warming_up else f"{eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
 
 
 def fail(message: str):
