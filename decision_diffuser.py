@@ -90,14 +90,11 @@ class Args:
     log_every: int = 1000  # write losses to TensorBoard and print a progress line every N optimiser steps
     save_model: bool = False  # write `runs/{run_name}/decision_diffuser.pt` at every evaluation and at the end
     eval_checkpoint: str | None = None  # evaluation-only mode: load this checkpoint; sampling flags still apply
-    eval_seed: int | None = None
-    """seed of --eval-checkpoint's episodes; default: the checkpoint's own seed, so the same start states as the
-    run's own evaluations"""
+    eval_seed: int | None = None  # seed of --eval-checkpoint's episodes; default: the checkpoint's (its run's states)
 
 
 # ======================================================================================================================
-# The paper: plans x_0(tau) = (s_t, ..., s_{t+H-1}) (DD Eq. (3)), the noise model and inverse dynamics, the loss
-# L(theta, phi) (DD Eq. (6)), planning with classifier-free guidance (DD Algorithm 1) and one training step
+# The paper: plans (DD Eq. (3)), eps_theta, f_phi, the loss (DD Eq. (6)), guided planning (DD Algorithm 1), train_step
 # ======================================================================================================================
 def discounted_returns(data, gamma: float, termination_penalty: float) -> np.ndarray:
     """y(tau) before scaling: R_t = sum_{k >= t} gamma^{k-t} r_k to the episode's end, a termination penalised."""
@@ -105,16 +102,14 @@ def discounted_returns(data, gamma: float, termination_penalty: float) -> np.nda
     ends = data["terminals"] | data["timeouts"]
     returns, running = np.zeros(len(rewards)), 0.0
     for t in range(len(rewards) - 1, -1, -1):
-        running = rewards[t] + (0.0 if ends[t] else gamma * running)
-        returns[t] = running
+        returns[t] = running = rewards[t] + (0.0 if ends[t] else gamma * running)
     return returns.astype(np.float32)
 
 
 class PlanWindows:
-    """The plans s_t..s_{t+H-1} of the dataset's episodes with their actions and returns y(tau), on the device. After a
-    termination the state stays put: every row starts a plan, padded with copies of s_T (the last next_observation).
-    After a time-limit truncation nothing is known: only rows whose plan ends by s_T start one. Padded actions are
-    masked out of the loss. Deviation: the released code pads every episode, with zeros in raw units."""
+    """Plans s_t..s_{t+H-1} with their actions (padded ones masked out of the loss) and returns y(tau). A terminated
+    episode stays at s_T: every row starts a plan, padded with copies of s_T; after a truncation nothing is known: only
+    rows whose plan ends by s_T do. Deviation: the released code pads every episode, with zeros in raw units."""
 
     def __init__(self, data, state_norm, action_norm, horizon, device):
         ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1  # exclusive episode ends
@@ -187,8 +182,7 @@ class TemporalUnet(nn.Module):
     def __init__(self, obs_dim: int, horizon: int, dim: int, dim_mults, kernel_size: int):
         super().__init__()
         widths = [obs_dim] + [dim * m for m in dim_mults]
-        levels = list(zip(widths[:-1], widths[1:]))  # [(C_in, C_out)] per level
-        embed_dim = 2 * dim
+        levels, embed_dim = list(zip(widths[:-1], widths[1:])), 2 * dim  # [(C_in, C_out)] per level; [time | return]
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, 4 * dim), nn.Mish(),
                                       nn.Linear(4 * dim, dim))
         self.returns_mlp = nn.Sequential(nn.Linear(1, dim), nn.Mish(), nn.Linear(dim, 4 * dim), nn.Mish(),
@@ -199,8 +193,7 @@ class TemporalUnet(nn.Module):
                 ResidualTemporalBlock(c_in, c_out, embed_dim, kernel_size),
                 ResidualTemporalBlock(c_out, c_out, embed_dim, kernel_size),
                 nn.Identity() if i == len(levels) - 1 else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)]))
-        self.mid1 = ResidualTemporalBlock(widths[-1], widths[-1], embed_dim, kernel_size)
-        self.mid2 = ResidualTemporalBlock(widths[-1], widths[-1], embed_dim, kernel_size)
+        self.mid1, self.mid2 = (ResidualTemporalBlock(widths[-1], widths[-1], embed_dim, kernel_size) for _ in range(2))
         self.ups = nn.ModuleList()
         for c_in, c_out in reversed(levels[1:]):
             self.ups.append(nn.ModuleList([
@@ -210,8 +203,7 @@ class TemporalUnet(nn.Module):
         self.final = nn.Sequential(conv_block(dim, dim, kernel_size), nn.Conv1d(dim, obs_dim, 1))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, returns: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x_k (B, H, obs_dim), k (B,), returns (B, 1), keep (B,): 1 the return, 0 the null condition (zeroed embedding,
-        as in the released code). Returns the predicted noise (B, H, obs_dim)."""
+        """x_k (B, H, obs_dim), k (B,), returns (B, 1), keep (B,): 1 the return, 0 the null condition (as released)."""
         embed = torch.cat([self.time_mlp(k), self.returns_mlp(returns) * keep[:, None]], dim=-1)  # (B, 2 dim)
         h = x.transpose(1, 2)  # (B, obs_dim, H): states are channels, time is the convolved axis
         skips = []
@@ -244,13 +236,12 @@ class CosineSchedule(nn.Module):
         betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
         alphas_cumprod = np.cumprod(1.0 - betas)  # alpha_bar_k, k = 1..K (index k-1)
         alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
-        constants = dict(
-            betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
-            # DDPM Eq. (7): posterior variance beta_tilde = (1 - alpha_bar_{k-1}) / (1 - alpha_bar_k) beta_k
-            posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-            # DDPM Eq. (7): mu_tilde = coef1 x_0 + coef2 x_k
-            posterior_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
-            posterior_coef2=(1 - alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - alphas_cumprod))
+        constants = dict(betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
+                         # DDPM Eq. (7): beta_tilde = (1 - alpha_bar_{k-1}) / (1 - alpha_bar_k) beta_k
+                         posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+                         # DDPM Eq. (7): mu_tilde = coef1 x_0 + coef2 x_k
+                         posterior_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
+                         posterior_coef2=(1 - alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - alphas_cumprod))
         for name, value in constants.items():
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
         self.n_steps = n_steps
@@ -258,17 +249,14 @@ class CosineSchedule(nn.Module):
 
 def inpaint(x, state):
     """Condition on the current state: index 0 of every plan is s_t exactly (DD Algorithm 1: s_t is given)."""
-    x = x.clone()
-    x[:, 0] = state
-    return x
+    return torch.cat([state[:, None], x[:, 1:]], dim=1)
 
 
 def loss_fn(nets, schedule, states, actions, valid, returns, condition_dropout: float):
     """DD Eq. (6), L(theta, phi), weighed as the released code does: 1/2 (diffusion loss + inverse dynamics loss)."""
     batch, horizon, _ = states.shape
     # DDPM Algorithm 1: k ~ Uniform{1..K}, eps ~ N(0, I); eps at index 0 is zero because s_t there is given.
-    k = torch.randint(0, schedule.n_steps, (batch,), device=states.device)
-    noise = torch.randn_like(states)
+    k, noise = torch.randint(0, schedule.n_steps, (batch,), device=states.device), torch.randn_like(states)
     noise[:, 0] = 0.0
     alpha_bar = schedule.alphas_cumprod[k][:, None, None]  # (B, 1, 1)
     x_k = inpaint(alpha_bar.sqrt() * states + (1 - alpha_bar).sqrt() * noise, states[:, 0])  # DDPM Eq. (4), s_t given
@@ -276,8 +264,7 @@ def loss_fn(nets, schedule, states, actions, valid, returns, condition_dropout: 
     keep = torch.bernoulli(torch.full((batch,), 1.0 - condition_dropout, device=states.device))  # (B,)
     eps_pred = nets.unet(x_k, k, returns, keep)  # (B, H, obs_dim)
     # DD Eq. (6), first term (DDPM Eq. (14), L_simple): weight 0 at index 0 (the inpainted s_t), mean over entries.
-    weights = torch.ones(horizon, 1, device=states.device)
-    weights[0] = 0.0
+    weights = (torch.arange(horizon, device=states.device) > 0).float()[:, None]  # (H, 1)
     diffusion_loss = ((eps_pred - noise) ** 2 * weights).mean()
     # DD Eq. (6), second term: || a_t - f_phi(s_t, s_t+1) ||^2 over the windows' transitions.
     # Deviation: the released code also fits the pairs inside the padding (zero actions); we mask them out.
@@ -291,8 +278,7 @@ def loss_fn(nets, schedule, states, actions, valid, returns, condition_dropout: 
 def guided_epsilon(unet: TemporalUnet, x_k, k, returns, guidance_weight: float):
     """DD Eq. (5): eps = eps_theta(x_k, null, k) + w (eps_theta(x_k, y, k) - eps_theta(x_k, null, k)) (Ho & Salimans
     Eq. (6) with w = 1 + w_HS). Both predictions come from one forward pass over the batch stacked twice."""
-    batch = x_k.shape[0]
-    keep = torch.cat([torch.ones(batch, device=x_k.device), torch.zeros(batch, device=x_k.device)])  # (2B,)
+    keep = torch.cat([torch.ones(len(x_k), device=x_k.device), torch.zeros(len(x_k), device=x_k.device)])  # (2B,)
     eps = unet(torch.cat([x_k, x_k]), torch.cat([k, k]), torch.cat([returns, returns]), keep)  # (2B, H, obs_dim)
     eps_cond, eps_uncond = eps.chunk(2)  # (B, H, obs_dim) each
     return eps_uncond + guidance_weight * (eps_cond - eps_uncond)
@@ -305,9 +291,8 @@ def ddim_timesteps(n_steps: int, sampling_steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample(epsilon_fn, schedule, state, horizon, steps, eta=None, temperature=0.5, initial_noise=None, generator=None):
-    """Plans (B, H, obs_dim) from x_K ~ N(0, alpha^2 I), s_t inpainted (DD Algorithm 1), denoised over `steps` with
-    `epsilon_fn(x_k, k)`: eta None, DDPM ancestral sampling (DDPM Algorithm 2); else DDIM (Song et al. Eqs. (12), (16)),
-    eps_hat recomputed from the clamped x0_hat. Low temperature: each step's noise z is scaled by alpha too."""
+    """Plans (B, H, obs_dim) by DD Algorithm 1 with `epsilon_fn(x_k, k)` over `steps`: eta None, DDPM ancestral sampling
+    (DDPM Algorithm 2); else DDIM (Song et al. Eqs. (12), (16)). Low temperature: alpha scales x_K and every z."""
     batch, shape = state.shape[0], (state.shape[0], horizon, state.shape[-1])  # plans are (B, H, obs_dim)
     noise0 = torch.randn(shape, device=state.device, generator=generator) if initial_noise is None else initial_noise
     x = inpaint(temperature * noise0, state)  # x_K ~ N(0, alpha^2 I), s_t inpainted
@@ -341,8 +326,7 @@ def evaluate(nets, schedule, state_norm, action_norm, envs, args: Args, target_r
     # Its own noise generator, seeded alike in every evaluation: evaluation-only mode reproduces the run's evaluations.
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     obs, _ = envs.reset(seed=[args.seed + 10_000 + i for i in range(count)])
-    returns, done = np.zeros(count), np.zeros(count, dtype=bool)
-    plan_time, plan_calls = 0.0, 0
+    returns, done, plan_time, plan_calls = np.zeros(count), np.zeros(count, dtype=bool), 0.0, 0
     actions = np.zeros((count,) + envs.single_action_space.shape, np.float32)
     while not done.all():
         active = np.flatnonzero(~done)
@@ -364,10 +348,8 @@ def evaluate(nets, schedule, state_norm, action_norm, envs, args: Args, target_r
 def train_step(nets, ema, schedule, optimizer, windows: PlanWindows, step: int, args: Args, compute_loss=loss_fn):
     """One optimiser step: the released code's gradient accumulation as one batch (no batch norm: same gradient)."""
     # Plans x_0(tau) with their actions and returns y(tau), drawn uniformly from the dataset (DD Eq. (3)).
-    states, actions, valid, returns = windows.sample(args.batch_size * args.gradient_accumulate_every)
-    # DD Eq. (6): the diffusion loss with condition dropout, plus the inverse dynamics loss.
-    loss, diffusion_loss, inv_loss = compute_loss(nets, schedule, states, actions, valid, returns,
-                                                  args.condition_dropout)
+    batch = windows.sample(args.batch_size * args.gradient_accumulate_every)  # (states, actions, valid, returns)
+    loss, diffusion_loss, inv_loss = compute_loss(nets, schedule, *batch, args.condition_dropout)  # DD Eq. (6)
     # One Adam step on theta and phi together.
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -392,7 +374,6 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     checkpoint = load_checkpoint(args.eval_checkpoint) if args.eval_checkpoint else None
     if checkpoint is not None:  # the checkpoint decides the architecture, normalisers and env; sampling flags stay
         env_id, env_kwargs, obs_dim, act_dim, state_norm, action_norm, returns_offset, returns_scale, refs = \
@@ -425,11 +406,9 @@ def main(args: Args):
     ema = copy.deepcopy(nets).requires_grad_(False)  # the released code averages both networks
     schedule = CosineSchedule(args.n_diffusion_steps).to(device)
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate)
-    guided = torch.compile(guided_epsilon) if args.compile else guided_epsilon
-    compute_loss = torch.compile(loss_fn) if args.compile else loss_fn
+    guided, compute_loss = (torch.compile(fn) if args.compile else fn for fn in (guided_epsilon, loss_fn))
     sampler_text = f"DDPM {args.n_diffusion_steps} steps" if args.sampler == "ddpm" else \
         f"DDIM {len(ddim_timesteps(args.n_diffusion_steps, args.sampling_steps))} steps (eta {args.ddim_eta:g})"
-
     if checkpoint is not None:  # evaluation-only mode: the EMA weights plan
         ema.load_state_dict(checkpoint["ema_model"])
         returns, ms = evaluate(ema, schedule, state_norm, action_norm, envs, args, args.test_return, device, guided)
@@ -437,7 +416,6 @@ def main(args: Args):
               f"{ms:.1f} ms per planning step\nfinal evaluation: {describe_returns(returns, refs)}")
         envs.close()
         return returns
-
     windows = PlanWindows(data, state_norm, action_norm, args.horizon, device)
     writer = make_writer(args, run_name)
     checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
@@ -458,24 +436,21 @@ def main(args: Args):
         print(f"eval at step {step}: {describe_returns(returns, refs)} [{sampler_text}, {ms:.1f} ms per plan]",
               flush=True)
         if args.save_model:
-            state = dict(saved, global_step=step, model=nets.state_dict(), ema_model=ema.state_dict(),
-                         optimizer=optimizer.state_dict())
-            atomic_write(checkpoint_path, lambda file: torch.save(state, file))
+            atomic_write(checkpoint_path, lambda file: torch.save(dict(saved, global_step=step, model=nets.state_dict(),
+                         ema_model=ema.state_dict(), optimizer=optimizer.state_dict()), file))
         return returns
 
     progress = Progress(0, args.total_steps)  # steps per second of the last logging interval, evaluations left out
     for step in range(1, args.total_steps + 1):
         loss, diffusion_loss, inv_loss = train_step(nets, ema, schedule, optimizer, windows, step, args, compute_loss)
-        # Logging: the only host syncs (.item()) of the training loop happen here, every --log-every steps.
-        if step % args.log_every == 0 or step == args.total_steps:
+        if step % args.log_every == 0 or step == args.total_steps:  # the training loop's only host syncs (.item())
             sps, eta = progress.tick(step)
             scalars = {"losses/loss": loss.item(), "losses/diffusion_loss": diffusion_loss.item(),
                        "losses/inv_loss": inv_loss.item(), "charts/SPS": sps}
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
-            print(f"step {step}/{args.total_steps} | {sps:.0f} SPS | ETA {eta} | "
-                  f"diffusion loss {scalars['losses/diffusion_loss']:.4f} | inv loss {scalars['losses/inv_loss']:.4f}",
-                  flush=True)
+            print(f"step {step}/{args.total_steps} | {sps:.0f} SPS | ETA {eta} | diffusion loss "
+                  f"{scalars['losses/diffusion_loss']:.4f} | inv loss {scalars['losses/inv_loss']:.4f}", flush=True)
         if step % args.eval_every == 0 and step != args.total_steps:
             with progress.paused():
                 run_evaluation(step)
@@ -538,10 +513,9 @@ def make_env(env_id: str, seed: int, obs_dim: int, act_dim: int, source: str, en
     `video_dir`, its first episode is recorded there as `{video_prefix}-episode-0.mp4`."""
     try:
         env = gym.make(env_id, **{**(env_kwargs or {}), **({"render_mode": "rgb_array"} if video_dir else {})})
-    except gym.error.DependencyNotInstalled as error:
-        fail(f"{env_id} needs a package that is missing ({error}); pip install -r requirements.txt")
-    except gym.error.Error as error:
-        fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5")
+    except gym.error.Error as error:  # an unknown id, or a missing package (MuJoCo envs need requirements.txt)
+        fail(f"cannot make environment '{env_id}' ({error}); pass --env-id with a registered id such as Hopper-v5 "
+             "(MuJoCo ones need pip install -r requirements.txt)")
     except Exception as error:  # e.g. MUJOCO_GL naming a rendering backend that is not installed
         fail(f"cannot make environment '{env_id}' ({type(error).__name__}: {str(error).partition(chr(10))[0]}); "
              "if MUJOCO_GL is set, check that its backend (egl or osmesa) is installed")
@@ -560,8 +534,7 @@ def make_env(env_id: str, seed: int, obs_dim: int, act_dim: int, source: str, en
         except Exception as error:
             fail(f"cannot render {env_id} for --capture-video ({type(error).__name__}); on a headless machine "
                  "set MUJOCO_GL=egl (or osmesa, with its libraries installed)")
-        with warnings.catch_warnings():  # the recording envs of one evaluation share the folder: not an overwrite
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # one evaluation's recording envs share the folder: no overwrite
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode == 0,
                                            name_prefix=video_prefix, disable_logger=True)
     env.action_space.seed(seed)
@@ -590,31 +563,28 @@ def load_dataset(source: str, download: bool, env_id: str | None = None) -> dict
     else:
         if not (npz or hdf5):
             fail(f"dataset {source}: unknown format; give a .npz, a .hdf5 or a Minari id")
-        if hdf5:
-            try:
-                import h5py
-            except ImportError:
-                fail("reading a D4RL .hdf5 file needs h5py: pip install h5py")
         try:
             if npz:
                 with np.load(source, allow_pickle=False) as file:
                     raw = dict(file)
             else:
+                import h5py
+
                 with h5py.File(source, "r") as file:  # top-level datasets, then attributes (env_id may be one)
                     raw = {key: file[key][()] for key in file.keys() if isinstance(file[key], h5py.Dataset)}
                     raw.update({key: value for key, value in file.attrs.items() if key not in raw})
+        except ImportError:
+            fail("reading a D4RL .hdf5 file needs h5py: pip install h5py")
         except Exception as error:
             kind = "an .npz" if npz else "an HDF5"
             fail(f"cannot read {source} ({type(error).__name__}); it is corrupt or not {kind} file")
-        missing = [key for key in KEYS if key not in raw]
-        if missing:
+        if missing := [key for key in KEYS if key not in raw]:
             fail(f"dataset {source} lacks the keys {missing}; it needs {list(KEYS)} (docs/datasets.md)")
-        data = {key: np.asarray(raw[key]) for key in KEYS}
         name = np.asarray(raw.get("env_id", "")).item()  # str, or bytes: h5py 3 reads string data as bytes
         name = (name.decode() if isinstance(name, bytes) else str(name)) or None
         refs = (float(raw["ref_min_score"]), float(raw["ref_max_score"]), "the dataset's own references") \
             if "ref_min_score" in raw else None
-        data.update(env_id=name, env_kwargs=None, ref_scores=refs)
+        data = dict({key: np.asarray(raw[key]) for key in KEYS}, env_id=name, env_kwargs=None, ref_scores=refs)
     n = len(data["rewards"])
     if n < 2 or data["observations"].ndim != 2 or data["actions"].ndim != 2 or any(len(data[k]) != n for k in KEYS):
         fail(f"dataset {source}: expected N >= 2 rows of 2-D observations/actions and N rewards/flags, got shapes "
@@ -660,23 +630,20 @@ def load_minari(dataset_id: str, download: bool) -> dict:
         for key, value in zip(KEYS, (obs[:-1], episode.actions, episode.rewards, obs[1:], episode.terminations,
                                      episode.truncations)):
             parts[key].append(np.asarray(value))
-    data = {key: np.concatenate(value) for key, value in parts.items()}
     metadata = getattr(dataset.storage, "metadata", {}) or {}
     refs = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "Minari's references") \
         if "ref_min_score" in metadata and "ref_max_score" in metadata else None
-    data.update(env_id=spec.id, env_kwargs=dict(spec.kwargs, max_episode_steps=spec.max_episode_steps), ref_scores=refs)
-    return data
+    return dict({key: np.concatenate(value) for key, value in parts.items()}, env_id=spec.id,
+                env_kwargs=dict(spec.kwargs, max_episode_steps=spec.max_episode_steps), ref_scores=refs)
 
 
 def returns_scaling(data: dict, args: Args) -> tuple[float, float, str]:
-    """(offset, scale, description) of the target y = (R - offset) / scale: --returns-scale; the released scale for a
-    D4RL .hdf5 file under its D4RL name (hopper-medium-expert-v2.hdf5, or D4RL's download name
-    hopper_medium_expert-v2.hdf5); else, for every .npz and Minari id whatever its name, the data's own range."""
+    """(offset, scale, description) of y = (R - offset) / scale: --returns-scale; the released scale for a D4RL .hdf5
+    under its D4RL name (hopper-medium-expert-v2.hdf5 or hopper_medium_expert-v2.hdf5); else the data's own range."""
     if args.returns_scale is not None:
         return 0.0, args.returns_scale, f"--returns-scale {args.returns_scale:g}"
     name = os.path.basename(args.dataset).lower().replace("_", "-")
-    if name.endswith(".hdf5") and name.removesuffix(".hdf5") in D4RL_RETURNS_SCALE:
-        scale = D4RL_RETURNS_SCALE[name.removesuffix(".hdf5")]
+    if name.endswith(".hdf5") and (scale := D4RL_RETURNS_SCALE.get(name.removesuffix(".hdf5"))) is not None:
         return 0.0, float(scale), f"the released scale {scale} of D4RL's {name.removesuffix('.hdf5')}"
     # Deviation: the released code has no scale for other data; map its discounted returns onto [0, 1] (min-max), so
     # that --test-return 0.9 means "90% of the way from the worst to the best return in the data".
@@ -731,8 +698,7 @@ def describe_returns(returns: np.ndarray, refs) -> str:
 
 
 class Progress:
-    """Speed over the last logging interval, evaluation time left out, and the time left at that speed. (An average
-    since the start would count the random warm-up and the evaluations.)"""
+    """Steps per second over the last logging interval, evaluations left out, and the time left at that speed."""
 
     def __init__(self, step: int, total: int):
         self.total, self.step, self.clock = total, step, time.perf_counter()
@@ -744,15 +710,11 @@ class Progress:
         self.clock += time.perf_counter() - start
 
     def tick(self, step: int, warming_up: bool = False) -> tuple[float, str]:
-        """Steps per second since the last tick, and the ETA text; starts the next interval. During a random
-        warm-up the speed says nothing about training, so the ETA waits."""
+        """The speed since the last tick and the ETA text (none during a random warm-up); starts the next interval."""
         now = time.perf_counter()
-        sps = (step - self.step) / max(now - self.clock, 1e-9)
-        self.step, self.clock = step, now
-        if warming_up:
-            return sps, "after warm-up"
-        eta = (self.total - step) / max(sps, 1e-9)
-        return sps, f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+        sps, self.step, self.clock = (step - self.step) / max(now - self.clock, 1e-9), step, now
+        eta = int((self.total - step) / max(sps, 1e-9))
+        return sps, "after warm-up" if warming_up else f"{eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
 
 
 def make_writer(args, run_name: str) -> SummaryWriter:
@@ -819,8 +781,7 @@ def load_checkpoint(path: str) -> dict:
 
 def adopt_checkpoint_settings(args: Args, checkpoint: dict):
     """Evaluation-only mode: the checkpoint's architecture flags, episode seed, env, normalisers and references."""
-    for key in ("horizon", "n_diffusion_steps", "dim", "dim_mults", "kernel_size", "inv_hidden_dim", "normalizer",
-                "cdf_knots"):
+    for key in "horizon n_diffusion_steps dim dim_mults kernel_size inv_hidden_dim normalizer cdf_knots".split():
         value = checkpoint["args"].get(key)
         setattr(args, key, tuple(value) if isinstance(value, list) else value)
     args.seed = args.eval_seed if args.eval_seed is not None else checkpoint["args"]["seed"]  # evaluate() uses it
