@@ -65,20 +65,22 @@ def pendulum_dataset(path, n_good=10, n_noisy=10, n_random=10, seed=0) -> np.nda
     return np.array(episode_returns)
 
 
-def faithful_cost(obs_dim: int = 17, act_dim: int = 6, repeats: int = 3):
+def faithful_cost(obs_dim: int = 17, act_dim: int = 6, repeats: int = 3, device: str = "cpu"):
     """Seconds per training step and per guided forward pass of the released configuration (about 60M parameters,
     horizon 100, batch 32 x 2), with HalfCheetah's dimensions and random data: what 1M steps would cost here."""
     torch.manual_seed(0)
     args = dd.Args(dataset="random")
     nets = torch.nn.ModuleDict(dict(
         unet=dd.TemporalUnet(obs_dim, args.horizon, args.dim, args.dim_mults, args.kernel_size),
-        inverse_dynamics=dd.inverse_dynamics_mlp(obs_dim, act_dim, args.inv_hidden_dim)))
-    schedule = dd.CosineSchedule(args.n_diffusion_steps)
+        inverse_dynamics=dd.inverse_dynamics_mlp(obs_dim, act_dim, args.inv_hidden_dim))).to(device)
+    schedule = dd.CosineSchedule(args.n_diffusion_steps).to(device)
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.learning_rate)
     batch = args.batch_size * args.gradient_accumulate_every
-    states = torch.rand(batch, args.horizon, obs_dim) * 2 - 1
-    actions = torch.rand(batch, args.horizon, act_dim) * 2 - 1
-    valid, returns = torch.ones(batch, args.horizon, dtype=torch.bool), torch.rand(batch, 1)
+    states = torch.rand(batch, args.horizon, obs_dim, device=device) * 2 - 1
+    actions = torch.rand(batch, args.horizon, act_dim, device=device) * 2 - 1
+    valid = torch.ones(batch, args.horizon, dtype=torch.bool, device=device)
+    returns = torch.rand(batch, 1, device=device)
+    wait = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # time finished work, not queued kernels
 
     def train_step():
         loss, _, _ = dd.loss_fn(nets, schedule, states, actions, valid, returns, args.condition_dropout)
@@ -87,22 +89,28 @@ def faithful_cost(obs_dim: int = 17, act_dim: int = 6, repeats: int = 3):
         optimizer.step()
 
     train_step()  # warm-up
+    wait()
     start = time.perf_counter()
     for _ in range(repeats):
         train_step()
+    wait()
     train = (time.perf_counter() - start) / repeats
-    x, k, y = torch.randn(10, args.horizon, obs_dim), torch.full((10,), 5), torch.full((10, 1), args.test_return)
+    x, k = torch.randn(10, args.horizon, obs_dim, device=device), torch.full((10,), 5, device=device)
+    y = torch.full((10, 1), args.test_return, device=device)
     with torch.no_grad():
         dd.guided_epsilon(nets.unet, x, k, y, args.guidance_weight)
+        wait()
         start = time.perf_counter()
         for _ in range(repeats):
             dd.guided_epsilon(nets.unet, x, k, y, args.guidance_weight)
+        wait()
         forward = (time.perf_counter() - start) / repeats
     print(f"released configuration: {sum(p.numel() for p in nets.unet.parameters()) / 1e6:.1f}M U-Net parameters; "
-          f"{train:.2f} s per training step (batch {batch}), 1M steps = {train * 1e6 / 86400:.0f} days; one guided "
-          f"pass for 10 envs (batch 20) {1000 * forward:.0f} ms, so per env step DDPM-{args.n_diffusion_steps} "
-          f"{args.n_diffusion_steps * forward:.1f} s and DDIM-20 {20 * forward:.2f} s (torch threads "
-          f"{torch.get_num_threads()})")
+          f"{1000 * train:.1f} ms per training step (batch {batch}), 1M steps = {train * 1e6 / 3600:.1f} hours; "
+          f"one guided pass for 10 envs (batch 20) {1000 * forward:.1f} ms, so per env step "
+          f"DDPM-{args.n_diffusion_steps} {args.n_diffusion_steps * forward:.1f} s and DDIM-20 {20 * forward:.2f} s "
+          f"(torch threads {torch.get_num_threads()}; {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}; "
+          f"{repeats} repeats)")
 
 
 def main():
@@ -115,9 +123,11 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--faithful-cost", action="store_true",
                         help="only time the released configuration's training step and guided forward pass")
+    parser.add_argument("--cuda", action="store_true", help="with --faithful-cost: time it on the GPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of --faithful-cost")
     options = parser.parse_args()
     if options.faithful_cost:
-        return faithful_cost()
+        return faithful_cost(repeats=options.repeats, device="cuda" if options.cuda else "cpu")
     if not (options.dataset or options.checkpoint):
         parser.error("give --dataset (train the small configuration first) or --checkpoint")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
