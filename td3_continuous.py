@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,7 +38,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = "td3_continuous"
-CHECKPOINT_VERSION = 3  # 3: --hidden-dims (two widths) replaced --hidden-dim
+CHECKPOINT_VERSION = 4  # 4: exact resume (replay buffer, random generators, logging state); 3: --hidden-dims
 
 
 @dataclass
@@ -104,14 +105,18 @@ class Args:
 
     # Checkpoints and offline data
     save_model: bool = False
-    """write `runs/{run_name}/td3_continuous.pt` (atomically) at every evaluation and at the end"""
+    """write `runs/{run_name}/td3_continuous.pt` (atomically; the replay buffer beside it in `replay/`) at the end
+    and at the first episode end after every --checkpoint-every steps"""
+    checkpoint_every: int | None = None
+    """with --save-model, environment steps between checkpoints (default: --eval-every)"""
     eval_checkpoint: str | None = None
     """evaluation-only mode: load this checkpoint and print the mean +- std return over --eval-episodes"""
     eval_seed: int | None = None
     """seed of --eval-checkpoint's episodes; default: the checkpoint's own seed, so the same start states as the
     run's own evaluations"""
     resume: str | None = None
-    """continue training from this checkpoint (its env, network sizes, step; the replay buffer starts empty)"""
+    """continue the run of this checkpoint exactly, with its own settings (flags that contradict it fail);
+    --total-timesteps may be raised to extend a finished run"""
     export_replay: str | None = None
     """write every transition collected in training to this .npz ("medium-replay" style, docs/datasets.md layout)"""
     export_minari: str | None = None
@@ -278,7 +283,7 @@ def main(args: Args):
     validate_args(args)
     checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if (args.eval_checkpoint or args.resume) else None
     if checkpoint is not None:
-        adopt_checkpoint_settings(args, checkpoint)
+        check_resume_flags(args, checkpoint) if args.resume else adopt_checkpoint_settings(args, checkpoint)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -287,7 +292,8 @@ def main(args: Args):
     # moments of near-zero gradients fall there. Not a hyperparameter of the paper; a no-op where unsupported.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = (checkpoint["run_name"] if args.resume  # a resumed run goes on in its own folder
+                else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
 
     env = make_env(args.env_id, args.seed)
     eval_env = make_eval_env(args, run_name, record=bool(args.eval_checkpoint))
@@ -313,29 +319,36 @@ def main(args: Args):
         return evaluate_checkpoint(actor, eval_env, args, start_step, device)
     for network in (actor, actor_target, qf, qf_target) if args.compile else ():
         network.compile()  # torch.compile of the forward passes, in place (same parameter names in checkpoints)
-    writer = make_writer(args, run_name)
+    writer = make_writer(args, run_name, start_step)
     print(f"run {run_name}: {args.env_id}, obs {obs_dim}, actions {act_dim} in [{low.min():g}, {high.max():g}], "
-          f"device {device}, {args.total_timesteps} steps")
+          f"device {device}, {args.total_timesteps} steps" + (f", resumed at step {start_step}" if args.resume else ""))
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
     replay_log = TransitionLog(args.total_timesteps - start_step, obs_dim, act_dim) \
         if args.export_replay or args.export_minari else None
-    # After --resume the buffer starts empty: refill it with --learning-starts steps of the loaded policy (with noise).
-    updates_begin = start_step + args.learning_starts
-    metrics, recent_returns, critic_updates = {}, [], 0
-    progress = Progress(start_step, args.total_timesteps)
+    metrics, recent_returns = resume_loop(checkpoint, args, rb, env) if args.resume else ({}, [])
+    critic_updates = max(start_step - args.learning_starts, 0)  # one per step after the warm-up
+    progress, saved_at = Progress(start_step, args.total_timesteps), start_step
+    every = args.checkpoint_every or args.eval_every  # environment steps between checkpoints
 
     def run_evaluation(step):
-        with progress.paused():  # evaluations and checkpoints do not count as training time
+        with progress.paused():  # evaluations do not count as training time
             returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000, device)
             log_evaluation(writer, returns, step, args.env_id)
-            if args.save_model:
-                save_checkpoint(f"runs/{run_name}/{SCRIPT}.pt", args, step, state)
         return returns
 
-    obs, _ = env.reset(seed=args.seed)
+    def write_checkpoint(step):  # everything exact resume needs (see save_checkpoint)
+        with progress.paused():
+            writer.flush()  # what was logged up to the checkpoint survives a kill
+            save_checkpoint(f"runs/{run_name}/{SCRIPT}.pt", args, step, state, rb, env, run_name=run_name,
+                            metrics=metrics, recent_returns=recent_returns)
+        return step
+
+    obs = None  # no episode in progress: reset before the next step
     for global_step in range(start_step, args.total_timesteps):
+        if obs is None:
+            obs, _ = env.reset(seed=args.seed if global_step == 0 else None)
         # Algorithm 1: select action with exploration noise a = pi(s) + eps (uniform random in the first steps)
-        if start_step == 0 and global_step < args.learning_starts:
+        if global_step < args.learning_starts:
             action = (2.0 * (env.action_space.sample() - low) / (high - low) - 1.0).astype(np.float32)
         else:
             with torch.inference_mode():
@@ -348,24 +361,24 @@ def main(args: Args):
         rb.add(obs, action, reward, terminated, next_obs)
         if replay_log is not None:
             replay_log.add(obs, env_action, reward, next_obs, terminated, truncated)
+        step = global_step + 1
         if terminated or truncated:
             episode_return, episode_length = float(info["episode"]["r"]), int(info["episode"]["l"])
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            writer.add_scalar("charts/episodic_return", episode_return, step)
+            writer.add_scalar("charts/episodic_length", episode_length, step)
             recent_returns = (recent_returns + [episode_return])[-10:]
-            obs, _ = env.reset()
-        else:
-            obs = next_obs
+        obs = None if terminated or truncated else next_obs
 
-        if global_step >= updates_begin:
+        if global_step >= args.learning_starts:
             critic_updates += 1
             metrics.update(update(rb, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, args,
                                   update_actor=critic_updates % args.policy_frequency == 0))
-        step = global_step + 1
         if step % args.log_every == 0 or step == args.total_timesteps:
-            log_progress(writer, progress, step, metrics, recent_returns, warming_up=step <= updates_begin)
+            log_progress(writer, progress, step, metrics, recent_returns, warming_up=step <= args.learning_starts)
         if step % args.eval_every == 0 and step != args.total_timesteps:
             run_evaluation(step)
+        if args.save_model and obs is None and saved_at // every < step // every and step < args.total_timesteps:
+            saved_at = write_checkpoint(step)  # between episodes: resuming from here continues this very run
 
     # Final evaluation (with video if asked), checkpoint and datasets; a failed export falls back to the run folder.
     if args.capture_video:
@@ -374,6 +387,7 @@ def main(args: Args):
     eval_returns = run_evaluation(args.total_timesteps)
     print(f"final evaluation: {describe_returns(eval_returns, reference_scores(args.env_id))}")
     if args.save_model:
+        write_checkpoint(args.total_timesteps)
         print(f"saved checkpoint to runs/{run_name}/{SCRIPT}.pt")
     if replay_log is not None:
         source = f"{SCRIPT}.py training transitions, steps {start_step}-{args.total_timesteps}, seed {args.seed}"
@@ -392,8 +406,8 @@ def main(args: Args):
 def validate_args(args: Args):
     """Reject nonsensical settings up front, with a one-line error."""
     for name in ["total_timesteps", "buffer_size", "batch_size", "hidden_dims", "policy_lr", "q_lr", "policy_frequency",
-                 "eval_every", "eval_episodes", "log_every", "export_rollout_steps"]:
-        if min(np.atleast_1d(getattr(args, name))) <= 0:
+                 "eval_every", "eval_episodes", "log_every", "export_rollout_steps", "checkpoint_every"]:
+        if getattr(args, name) is not None and min(np.atleast_1d(getattr(args, name))) <= 0:
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ["learning_starts", "exploration_noise", "policy_noise", "noise_clip"]:
         if getattr(args, name) < 0:
@@ -520,11 +534,88 @@ def evaluate_checkpoint(actor: Actor, eval_env: gym.Env, args: Args, step: int, 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, args: Args, step: int, state: dict, **tensors):
-    """Write the state dicts of `state` (networks and optimisers) and any extra tensors, atomically."""
-    checkpoint = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step, **tensors,
+# Exact resume: a checkpoint is written between episodes (or at the end of the run), so it needs no environment
+# state but the random generators. It holds the state dicts of the networks and optimisers, the random
+# generators (python, numpy, torch and CUDA, the training env's and its action space's), the logging state (the last
+# metrics and recent returns) and the list of the replay buffer's chunk files: each checkpoint writes only the rows
+# added since the previous one, as `replay/{first}-{end}.pt` beside the checkpoint. Writes are atomic, chunks before
+# the checkpoint that lists them: a kill at any moment leaves the previous checkpoint and its chunks loadable.
+MAY_CHANGE_AT_RESUME = {"resume", "total_timesteps", "cuda", "compile", "track", "wandb_project_name", "wandb_entity",
+                        "capture_video", "save_model", "checkpoint_every", "log_every", "eval_checkpoint", "eval_seed",
+                        "export_replay", "export_minari", "export_rollouts", "export_rollouts_minari",
+                        "export_rollout_steps", "export_rollout_deterministic"}
+
+
+def save_checkpoint(path: str, args: Args, step: int, state: dict, rb: ReplayBuffer, env: gym.Env, **extra):
+    """Write the state dicts of `state` (networks and optimisers), the replay buffer's new rows, the random
+    generators and `extra` (run name, logging state), atomically."""
+    checkpoint = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), global_step=step, **extra,
+                      replay=save_replay(rb, os.path.join(os.path.dirname(path), "replay"), step),
+                      random=dict(random_state(), env=env.unwrapped.np_random.bit_generator.state,
+                                  action_space=env.action_space.np_random.bit_generator.state),
                       **{name: module.state_dict() for name, module in state.items()})
     atomic_write(path, lambda file: torch.save(checkpoint, file))
+    for name in set(os.listdir(os.path.join(os.path.dirname(path), "replay"))) - set(checkpoint["replay"]):
+        os.remove(os.path.join(os.path.dirname(path), "replay", name))  # overwritten rows, or a temporary file
+
+
+def replay_chunks(folder: str) -> list:
+    """The chunk files `{first}-{end}.pt` in `folder` as (first, end, name), oldest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(name.split("-")[0]), int(name[:-3].split("-")[1]), name) for name in names
+                  if re.fullmatch(r"\d+-\d+\.pt", name))
+
+
+def save_replay(rb: ReplayBuffer, folder: str, count: int) -> list:
+    """Write the rows added since the last chunk (transitions [first, count), at ring positions t % capacity) as
+    `folder/{first}-{count}.pt`; return the chunk files that hold the buffer, oldest first."""
+    os.makedirs(folder, exist_ok=True)
+    chunks = replay_chunks(folder)
+    first = max(chunks[-1][1] if chunks else 0, count - rb.capacity)
+    if first < count:
+        rows = rb.rows[torch.arange(first, count, device=rb.rows.device) % rb.capacity].cpu()
+        atomic_write(os.path.join(folder, f"{first}-{count}.pt"), lambda file: torch.save(rows, file))
+        chunks.append((first, count, f"{first}-{count}.pt"))
+    return [name for _, end, name in chunks if end > count - rb.capacity]  # older rows were overwritten
+
+
+def load_replay(rb: ReplayBuffer, checkpoint: dict, source: str, folder: str):
+    """Refill the buffer from the checkpoint's chunks in `source`, each row at its ring position; make `folder` (the
+    run's own) hold exactly those chunks, so the next checkpoint adds to them."""
+    os.makedirs(folder, exist_ok=True)
+    for name in checkpoint["replay"]:
+        first, end = (int(number) for number in name[:-3].split("-"))
+        try:
+            rows = torch.load(os.path.join(source, name), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            fail(f"cannot read the replay buffer's {os.path.join(source, name)} ({type(error).__name__}); a "
+                 "checkpoint needs its replay/ folder beside it")
+        rb.rows[torch.arange(first, end, device=rb.rows.device) % rb.capacity] = rows.to(rb.rows.device)
+        if not os.path.exists(os.path.join(folder, name)):
+            atomic_write(os.path.join(folder, name), lambda file: torch.save(rows, file))
+    for _, _, name in replay_chunks(folder):
+        if name not in checkpoint["replay"]:  # written by the interrupted run after its last checkpoint
+            os.remove(os.path.join(folder, name))
+    count = checkpoint["global_step"]
+    rb.position, rb.size = count % rb.capacity, min(count, rb.capacity)
+
+
+def random_state() -> dict:
+    """The global random generators: python, numpy, torch and CUDA's (as types torch.load(weights_only=True) reads)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_random_state(state: dict):
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str) -> dict:
@@ -547,31 +638,55 @@ def load_checkpoint(path: str) -> dict:
 
 
 def adopt_checkpoint_settings(args: Args, checkpoint: dict):
-    """The checkpoint decides the env and the network shapes; evaluation-only mode also takes its seed (the same
-    start states as the run's own evaluations) unless --eval-seed is given."""
+    """Evaluation-only mode: the checkpoint decides the env and the network shapes, and its seed (the same start
+    states as the run's own evaluations) unless --eval-seed is given."""
     saved = checkpoint["args"]
     for key, value in [("env_id", saved["env_id"]), ("hidden_dims", tuple(saved["hidden_dims"]))]:
         if getattr(args, key) != value:
             print(f"note: --{key.replace('_', '-')} {value} from the checkpoint")
         setattr(args, key, value)
-    if args.resume and args.total_timesteps <= checkpoint["global_step"]:
+    args.seed = args.eval_seed if args.eval_seed is not None else saved["seed"]
+
+
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume, the flags not given take the checkpoint's values, not the defaults."""
+    args = tyro.cli(Args, args=argv)
+    if args.resume:
+        saved = load_checkpoint(args.resume)["args"]
+        args = tyro.cli(Args, args=argv, default=Args(**{**saved, "resume": args.resume}))
+    return args
+
+
+def check_resume_flags(args: Args, checkpoint: dict):
+    """A resumed run keeps its settings: every flag outside MAY_CHANGE_AT_RESUME must equal the checkpoint's."""
+    for key, saved in checkpoint["args"].items():
+        if key not in MAY_CHANGE_AT_RESUME and getattr(args, key) != saved:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint ({saved}); a resumed run "
+                 "keeps its own settings: drop the flag, or start a new run")
+    if args.total_timesteps <= checkpoint["global_step"]:
         fail(f"--total-timesteps ({args.total_timesteps}) must exceed the checkpoint's step "
              f"({checkpoint['global_step']}) to resume training")
-    if args.eval_checkpoint:
-        args.seed = args.eval_seed if args.eval_seed is not None else saved["seed"]
+
+
+def resume_loop(checkpoint: dict, args: Args, rb: ReplayBuffer, env: gym.Env) -> tuple[dict, list]:
+    """Put the training loop where the checkpoint left it: replay buffer, random generators (global, the env's and
+    its action space's); returns the logging state (last metrics, recent returns)."""
+    load_replay(rb, checkpoint, os.path.join(os.path.dirname(args.resume), "replay"),
+                os.path.join("runs", checkpoint["run_name"], "replay"))
+    set_random_state(checkpoint["random"])
+    env.unwrapped.np_random.bit_generator.state = checkpoint["random"]["env"]
+    env.action_space.np_random.bit_generator.state = checkpoint["random"]["action_space"]
+    return {key: value.to(rb.rows.device) for key, value in checkpoint["metrics"].items()}, checkpoint["recent_returns"]
 
 
 def restore(state: dict, checkpoint: dict, args: Args) -> int:
-    """Load networks, targets and optimizer states in place and return the step; the command line's learning rates
-    apply from here on."""
+    """Load networks, targets and optimizer states in place and return the step."""
     try:
         for name, module in state.items():
             module.load_state_dict(checkpoint[name])
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         fail(f"checkpoint '{args.eval_checkpoint or args.resume}' does not match {args.env_id} "
              f"({type(error).__name__}: {error}); re-create it with --save-model".replace("\n", " "))
-    state["q_optimizer"].param_groups[0]["lr"] = args.q_lr
-    state["actor_optimizer"].param_groups[0]["lr"] = args.policy_lr
     return int(checkpoint["global_step"])
 
 
@@ -763,9 +878,10 @@ def write_with_fallback(path: str, write, fallback_folder: str) -> str:
         return fallback
 
 
-def make_writer(args, run_name: str) -> SummaryWriter:
-    """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
-    patch only sees writers created after wandb.init."""
+def make_writer(args, run_name: str, start_step: int = 0) -> SummaryWriter:
+    """TensorBoard writer for runs/{run_name}. A resumed run writes into the same folder: TensorBoard drops what the
+    interrupted run logged after the checkpoint (purge_step). With --track, Weights & Biases starts first: its
+    sync_tensorboard patch only sees writers created after wandb.init."""
     if args.track:
         try:
             import wandb
@@ -773,7 +889,7 @@ def make_writer(args, run_name: str) -> SummaryWriter:
             fail("--track needs Weights & Biases: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if start_step else None)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
@@ -837,4 +953,4 @@ def fail(message: str):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -11,10 +11,13 @@ learning-curve picture.
 Everything after `--` goes to every script. Each run gets its own folder, OUTPUT/jobs/SCRIPT/TASK/seedN/, where it
 runs (so its TensorBoard logs land in OUTPUT/jobs/SCRIPT/TASK/seedN/runs/) and writes `log.txt`; a finished run
 copies its evaluations from its TensorBoard logs into `evaluations.csv` there (text, so results can be committed
-without the binary event files) and writes `done.json`. A rerun skips finished runs and runs the others again from
-scratch. Runs go through submitit: on this machine with its local executor, `--workers` at a time, each with
-cores / workers torch threads; on a Slurm cluster with `--slurm-partition` (and `--slurm-time`, `--gpus-per-run`),
-where Slurm queues them all.
+without the binary event files) and writes `done.json`. Every run gets `--save-model`, so it writes checkpoints
+(SCRIPT.pt and, for SAC/TD3, its replay/ folder) in its runs/ folder: a rerun skips finished runs, resumes an
+interrupted one exactly from its last checkpoint (`--resume`) and starts the others afresh. Runs go through submitit:
+on this machine with its local executor, `--workers` at a time, each with cores / workers torch threads; on a Slurm
+cluster with `--slurm-partition` (and `--slurm-time`, `--gpus-per-run`), where Slurm queues them all, and where a run
+that is preempted or reaches --slurm-time is requeued by submitit (its Checkpointable interface) and resumes from its
+last checkpoint. The progress lines say which runs resumed, from which step.
 
 Outputs in OUTPUT: `evaluations.csv` (one row per run and evaluation), `TASK.md` (a table per task: final
 evaluation return over seeds, mean +- std, interquartile mean with a 95% percentile-bootstrap interval, normalized
@@ -36,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import submitit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "benchmarks", "published.csv")
@@ -83,33 +87,56 @@ def plan_runs(args, extra: list) -> list:
                                       task_slug(task), f"seed{seed}")
                 command = [sys.executable, os.path.join(ROOT, script), "--dataset" if offline else "--env-id",
                            task_arg, "--seed", str(seed), "--total-steps" if offline else "--total-timesteps",
-                           str(args.total_timesteps), *extra]
+                           str(args.total_timesteps), "--save-model", *extra]
                 runs.append(Run(script, task, seed, folder, command))  # tables name the task as it was given
     return runs
 
 
-def execute(run: dict, threads: int | None) -> dict:
-    """One run, in its own folder, through the script's command line (this is what submitit executes)."""
-    os.makedirs(run["folder"], exist_ok=True)
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    start = time.time()
-    with open(os.path.join(run["folder"], "log.txt"), "w") as log:
-        log.write(" ".join(run["command"]) + "\n")
-        log.flush()
-        code = subprocess.run(run["command"], cwd=run["folder"], stdout=log, stderr=subprocess.STDOUT,
-                              env=env).returncode
-    result = dict(run, returncode=code, seconds=round(time.time() - start, 1))
-    if code == 0:
-        write_csv(os.path.join(run["folder"], "evaluations.csv"), extract_evaluations(Run(**run)))
-        temporary = os.path.join(run["folder"], "done.json.tmp")
-        with open(temporary, "w") as file:
-            json.dump(result, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, os.path.join(run["folder"], "done.json"))
-    return result
+def latest_checkpoint(run: Run) -> tuple[str, int] | None:
+    """(path, step) of the checkpoint an interrupted run left in its folder, or None."""
+    import torch
+
+    paths = glob.glob(os.path.join(run.folder, "runs", "*", run.script.replace(".py", ".pt")))
+    if not paths:
+        return None
+    try:
+        return paths[0], int(torch.load(paths[0], map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # unreadable: the run starts afresh
+        return None
+
+
+class Execute(submitit.helpers.Checkpointable):
+    """One run, in its own folder, through the script's command line (this is what submitit executes). A run that
+    left a checkpoint resumes from it. On Slurm, a job preempted or at its time limit gets submitit's signal: it stops
+    the script and `checkpoint` (Checkpointable's) requeues this same call, which then resumes."""
+
+    def __call__(self, run: dict, threads: int | None) -> dict:
+        os.makedirs(run["folder"], exist_ok=True)
+        env = dict(os.environ)
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        start, found = time.time(), latest_checkpoint(Run(**run))
+        command = run["command"] + (["--resume", found[0]] if found else [])
+        with open(os.path.join(run["folder"], "log.txt"), "a" if found else "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            process = subprocess.Popen(command, cwd=run["folder"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                code = process.wait()
+            finally:  # submitit's requeue signal, or any error here: the script stops with this job
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        result = dict(run, returncode=code, seconds=round(time.time() - start, 1), resumed_from=found and found[1])
+        if code == 0:
+            write_csv(os.path.join(run["folder"], "evaluations.csv"), extract_evaluations(Run(**run)))
+            temporary = os.path.join(run["folder"], "done.json.tmp")
+            with open(temporary, "w") as file:
+                json.dump(result, file, indent=1)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, os.path.join(run["folder"], "done.json"))
+        return result
 
 
 def last_line(folder: str) -> str:
@@ -124,10 +151,12 @@ def run_all(runs: list, args) -> list:
     """Submit the unfinished runs through submitit, at most --workers at a time on this machine; report each end."""
     import shutil
 
-    import submitit
-
     todo = [run for run in runs if not os.path.exists(os.path.join(run.folder, "done.json"))]
     print(f"{len(runs)} runs: {len(runs) - len(todo)} finished before, {len(todo)} to run", flush=True)
+    resumable = {run.name: latest_checkpoint(run) for run in todo}
+    for name, found in resumable.items():
+        if found:
+            print(f"resuming {name} from step {found[1]}", flush=True)
     slurm = args.slurm_partition is not None
     executor = submitit.AutoExecutor(folder=os.path.join(args.output_dir, "submitit"),
                                      cluster="slurm" if slurm else "local")
@@ -142,22 +171,25 @@ def run_all(runs: list, args) -> list:
     while pending or running:
         while pending and len(running) < limit:
             run = pending.pop(0)
-            shutil.rmtree(run.folder, ignore_errors=True)  # a failed or interrupted earlier try starts afresh
-            running[executor.submit(execute, asdict(run), threads)] = run
+            if not resumable[run.name]:
+                shutil.rmtree(run.folder, ignore_errors=True)  # an earlier try without a checkpoint starts afresh
+            running[executor.submit(Execute(), asdict(run), threads)] = run
         time.sleep(0.5)
         for job in [job for job in running if job.done()]:
             run = running.pop(job)
             try:
-                code = job.result()["returncode"]
+                result = job.result()
+                code, resumed = result["returncode"], result["resumed_from"]
             except Exception as error:  # the job itself died (killed, timed out, node failure)
-                code = f"{type(error).__name__}"
+                code, resumed = f"{type(error).__name__}", None
             finished += 1
             if code != 0:
                 failed.append(run)
                 print(f"FAILED {run.name} (exit {code}): {last_line(run.folder)}", flush=True)
             elapsed = time.time() - start
             eta = elapsed / finished * (len(todo) - finished)
-            print(f"runs done {finished}/{len(todo)} ({len(failed)} failed) | {run.name} | elapsed "
+            print(f"runs done {finished}/{len(todo)} ({len(failed)} failed) | {run.name}"
+                  f"{f' (resumed from step {resumed})' if resumed else ''} | elapsed "
                   f"{elapsed / 60:.1f} min | ETA {eta / 60:.1f} min", flush=True)
     return failed
 

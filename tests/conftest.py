@@ -165,3 +165,82 @@ def inverted_pendulum_random_npz(tmp_path_factory) -> str:
     np.savez(path, **{key: np.array(value, bool if key in ("terminals", "timeouts") else np.float32)
                       for key, value in rows.items()}, env_id=np.array("InvertedPendulum-v5"))
     return path
+
+
+def run_killed_after_checkpoint(script: str, *cli_args: str, cwd: str, checkpoint_name: str) -> str:
+    """Start a training run through the real command line, wait until it has written a checkpoint
+    (runs/*/CHECKPOINT_NAME) and then TensorBoard events past it (as a run killed in real life has), and kill it with
+    SIGKILL at whatever moment it is in. Returns the checkpoint's path."""
+    import signal
+    import time
+
+    def state():  # (the checkpoint's time stamp, the size of the run's TensorBoard events)
+        checkpoints = glob.glob(os.path.join(cwd, "runs", "*", checkpoint_name))
+        events = glob.glob(os.path.join(cwd, "runs", "*", "events.out.tfevents.*"))
+        return (os.stat(checkpoints[0]).st_mtime_ns if checkpoints else None), sum(map(os.path.getsize, events))
+
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *cli_args], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, seen = time.time() + 600, (None, 0)
+    while True:
+        assert process.poll() is None, f"{script} ended before it could be killed: give it more steps"
+        assert time.time() < deadline, f"{script} wrote no checkpoint and events after it in 600 s"
+        now = state()
+        if now[0] is not None and now[0] == seen[0] and now[1] > seen[1]:
+            break  # events written after the latest checkpoint
+        seen = now if now[0] != seen[0] else seen
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return glob.glob(os.path.join(cwd, "runs", "*", checkpoint_name))[0]
+
+
+def evaluations_by_step(stdout: str) -> dict[int, str]:
+    """{step: the evaluation line's text} of the evaluations a training script printed ("eval at step N: ...")."""
+    return {int(line.split()[3].rstrip(":")): line.split(": ", 1)[1] for line in stdout.splitlines()
+            if line.startswith("eval at step")}
+
+
+def assert_same_tensors(got, want, where=""):
+    """Recursive exact comparison of (nested dicts/lists of) tensors and numbers."""
+    import torch
+
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            assert_same_tensors(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_tensors(a, b, f"{where}/{i}")
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got.cpu(), want.cpu()), where
+    else:
+        assert got == want, where
+
+
+def assert_resume_is_exact(script: str, cli_args: list, tmp_path, state_keys: list):
+    """SAC/TD3: run `cli_args` (with --save-model) whole in one folder; in another, kill it with SIGKILL after a
+    checkpoint and resume it with `--resume CHECKPOINT` alone. Both must print the same evaluations after the resume
+    point, log the same TensorBoard scalars (charts/SPS, the wall-clock speed, excepted) and end with the same
+    `state_keys`, random generators, logging state and replay buffer chunks, bit for bit."""
+    import torch
+
+    whole, broken, name = tmp_path / "whole", tmp_path / "broken", script.replace(".py", ".pt")
+    whole.mkdir(), broken.mkdir()
+    expected = run_script(script, *cli_args, cwd=str(whole))
+    checkpoint = run_killed_after_checkpoint(script, *cli_args, cwd=str(broken), checkpoint_name=name)
+    start = torch.load(checkpoint, weights_only=True)["global_step"]
+    resumed = run_script(script, "--resume", checkpoint, cwd=str(broken))
+    assert f"resumed at step {start}" in resumed.stdout
+    want = evaluations_by_step(expected.stdout)
+    assert evaluations_by_step(resumed.stdout) == {step: text for step, text in want.items() if step > start}
+    got_scalars, want_scalars = read_scalars(only_run_dir(str(broken))), read_scalars(only_run_dir(str(whole)))
+    del got_scalars["charts/SPS"], want_scalars["charts/SPS"]
+    assert got_scalars == want_scalars
+    got, want = (torch.load(glob.glob(f"{folder}/runs/*/{name}")[0], weights_only=True) for folder in (broken, whole))
+    for key in [*state_keys, "replay", "random", "recent_returns", "metrics", "global_step"]:
+        assert_same_tensors(got[key], want[key], key)
+    for chunk in want["replay"]:
+        assert_same_tensors(*(torch.load(glob.glob(f"{folder}/runs/*/replay/{chunk}")[0], weights_only=True)
+                              for folder in (broken, whole)), chunk)

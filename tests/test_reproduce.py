@@ -75,6 +75,78 @@ def test_a_failed_run_is_reported_with_its_last_log_line_and_run_again_next_time
     assert "1 runs: 0 finished before, 1 to run" in second.stdout
 
 
+def wait_for(path_pattern: str, process=None, timeout: float = 300.0) -> str:
+    """The first file matching `path_pattern` once it exists (a run's checkpoint)."""
+    import glob
+    import time
+
+    deadline = time.time() + timeout
+    while not glob.glob(path_pattern):
+        assert time.time() < deadline and (process is None or not process.poll()), f"no {path_pattern}"
+        time.sleep(0.05)
+    return glob.glob(path_pattern)[0]
+
+
+def test_a_rerun_resumes_an_interrupted_run_from_its_checkpoint(tmp_path):
+    """The harness killed (the whole process group, as a reboot would) after a run's first checkpoint: the rerun says
+    which run resumed and from which step, and the run ends with each evaluation once, as if never interrupted."""
+    import signal
+
+    output = tmp_path / "results"
+    command = ["--scripts", "sac_continuous.py", "--env-ids", "Pendulum-v1", "--seeds", "1", "--total-timesteps",
+               "1400", "--output-dir", str(output), "--", *SHORT, "--checkpoint-every", "200"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), *command],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    wait_for(str(output / "jobs" / "sac_continuous" / "Pendulum-v1" / "seed1" / "runs" / "*" / "*.pt"), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    second = harness(*command, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    resumed = [line for line in second.stdout.splitlines() if line.startswith("resuming")]
+    assert len(resumed) == 1 and resumed[0].startswith("resuming sac_continuous.py Pendulum-v1 seed 1 from step ")
+    step = int(resumed[0].split()[-1])
+    assert f"runs done 1/1 (0 failed) | sac_continuous.py Pendulum-v1 seed 1 (resumed from step {step})" in second.stdout
+    rows = list(csv.DictReader(open(output / "evaluations.csv")))
+    assert [row["step"] for row in rows] == ["500", "1000", "1400"]
+
+
+def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """submitit's own requeue (its local executor, the code path of a Slurm preemption or time limit): the job gets
+    the signal after the run's first checkpoint, Execute's checkpoint() requeues it, and the run resumes there."""
+    import contextlib
+    import signal
+
+    import submitit
+
+    monkeypatch.setenv("PYTHONPATH", os.path.join(ROOT, "benchmarks"))  # the job unpickles reproduce.Execute
+    plan = SimpleNamespace(scripts=["td3_continuous.py"], datasets=[], env_ids=["Pendulum-v1"], seeds=[1],
+                           total_timesteps=1400, output_dir=str(tmp_path / "out"))
+    run = reproduce.plan_runs(plan, [*SHORT, "--checkpoint-every", "200"])[0]
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(reproduce.Execute(), reproduce.asdict(run), 1)
+    wait_for(os.path.join(run.folder, "runs", "*", "td3_continuous.pt"), SimpleNamespace(poll=lambda: job.done()))
+    # The signal Slurm sends before preempting or at the time limit (USR2), to the submitit task running Execute:
+    # the parent of the script's process.
+    def runs_the_script(pid: str) -> bool:  # a process of td3_continuous.py working in the run's folder
+        with contextlib.suppress(OSError):
+            return b"td3_continuous.py" in open(f"/proc/{pid}/cmdline", "rb").read() and os.readlink(
+                f"/proc/{pid}/cwd") == run.folder
+        return False
+
+    script = [pid for pid in os.listdir("/proc") if pid.isdigit() and runs_the_script(pid)]
+    assert len(script) == 1, script
+    status = open(f"/proc/{script[0]}/status").read()
+    os.kill(int(status.split("PPid:")[1].split()[0]), signal.SIGUSR2)
+    result = job.result()
+    assert result["returncode"] == 0 and result["resumed_from"] >= 200, result
+    log = open(os.path.join(run.folder, "log.txt")).read()
+    assert f"resumed at step {result['resumed_from']}" in log
+    assert [line for line in log.splitlines() if line.startswith(sys.executable)][-1].endswith(
+        f"--resume {reproduce.latest_checkpoint(run)[0]}")
+
+
 def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -86,7 +158,7 @@ def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch)
     first = runs[0].command
     dataset = str(tmp_path / "data" / "replay.npz")  # absolute: each run works in its own folder
     assert first[1:] == [os.path.join(ROOT, "decision_transformer.py"), "--dataset", dataset, "--seed", "1",
-                         "--total-steps", "300", "--batch-size", "8"]
+                         "--total-steps", "300", "--save-model", "--batch-size", "8"]
     assert runs[0].task == "data/replay.npz"  # the tables name it as the user did, on any machine
     assert runs[0].folder.endswith(os.path.join("jobs", "decision_transformer", "replay", "seed1"))
     assert [run.seed for run in runs] == [1, 2, 1, 2]  # task by task, then seed by seed

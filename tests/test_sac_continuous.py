@@ -12,8 +12,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import (all_finite, assert_minari_equals_npz, evaluation_returns, only_run_dir, read_scalars,
-                      record_buffer_adds, run_script, wandb_offline_tags)
+from conftest import (all_finite, assert_minari_equals_npz, assert_resume_is_exact, assert_same_tensors,
+                      evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script, wandb_offline_tags)
 
 import sac_continuous as sac
 
@@ -341,22 +341,6 @@ def first_update_state(monkeypatch):
     return captured
 
 
-def assert_same_tensors(got, want, where=""):
-    """Recursive exact comparison of (nested dicts/lists of) tensors and numbers."""
-    if isinstance(want, dict):
-        assert set(got) == set(want), where
-        for key in want:
-            assert_same_tensors(got[key], want[key], f"{where}/{key}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_same_tensors(a, b, f"{where}/{i}")
-    elif isinstance(want, torch.Tensor):
-        assert torch.equal(got.cpu(), want.cpu()), where
-    else:
-        assert got == want, where
-
-
 def test_checkpoint_round_trip_and_resume(in_tmp, first_update_state):
     returns = sac.main(tiny_args(save_model=True, seed=5))
     first_update_state.clear()
@@ -371,11 +355,10 @@ def test_checkpoint_round_trip_and_resume(in_tmp, first_update_state):
     other = sac.main(sac.Args(eval_checkpoint=checkpoint[0], eval_episodes=2, eval_seed=6))
     assert not np.array_equal(other, returns)
     with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
-        sac.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
-    # Resume restores the networks, the targets, log alpha and all three optimisers' states (compared right before
-    # the first update after resuming), and continues from step 300 with the command line's learning rates.
-    resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, learning_starts=50, save_model=True,
-                                 q_lr=1e-3, seed=5))
+        sac.main(tiny_args(resume=checkpoint[0], total_timesteps=300, seed=5))
+    # Extending the finished run restores the networks, the targets, log alpha and all three optimisers' states
+    # (compared right before the first update after resuming) and continues from step 300.
+    resumed = sac.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True, seed=5))
     assert np.all(np.isfinite(resumed))
     for key in ("actor", "qf", "qf_target", "log_alpha"):
         assert_same_tensors(first_update_state[key], state[key], key)
@@ -383,19 +366,39 @@ def test_checkpoint_round_trip_and_resume(in_tmp, first_update_state):
     for optimizer, key in zip(first_update_state["optimizers"], ("q_optimizer", "actor_optimizer", "alpha_optimizer")):
         assert len(state[key]["state"]) > 0
         assert_same_tensors(optimizer["state"], state[key]["state"], key)
-    assert first_update_state["optimizers"][0]["param_groups"][0]["lr"] == 1e-3
-    latest = torch.load(max(glob.glob("runs/*/sac_continuous.pt"), key=os.path.getmtime), weights_only=True)
-    assert latest["global_step"] == 400
-    assert latest["q_optimizer"]["param_groups"][0]["lr"] == 1e-3  # the command line's rate, not the saved one
+    latest = torch.load(checkpoint[0], weights_only=True)  # the run goes on in its own folder
+    assert latest["global_step"] == 400 and latest["replay"] == ["0-200.pt", "200-300.pt", "300-400.pt"]
 
 
-def test_resumed_fixed_temperature_run_uses_the_command_lines_alpha(in_tmp, first_update_state):
-    """With --no-autotune alpha is a setting, not learned state: a resumed run takes --alpha from the command line."""
-    sac.main(tiny_args(autotune=False, alpha=0.2, save_model=True))
-    first_update_state.clear()
-    checkpoint = glob.glob("runs/*/sac_continuous.pt")[0]
-    sac.main(tiny_args(resume=checkpoint, total_timesteps=400, learning_starts=50, alpha=0.05))
-    assert first_update_state["log_alpha"].exp().item() == pytest.approx(0.05)
+RESUME_RUN = ["--env-id", "Hopper-v5", "--total-timesteps", "2500", "--learning-starts", "300", "--batch-size", "32",
+              "--hidden-dim", "32", "--eval-every", "500", "--eval-episodes", "2", "--log-every", "100",
+              "--save-model", "--checkpoint-every", "400", "--no-cuda", "--seed", "2"]
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_is_the_same_run(tmp_path):
+    """kill -9 at whatever moment after a checkpoint, then `--resume CHECKPOINT` alone: the same evaluations, the same
+    TensorBoard scalars (the speed excepted), the same final weights, optimisers and replay buffer as the run that was
+    never interrupted (CPU, same machine)."""
+    assert_resume_is_exact(SCRIPT, RESUME_RUN, tmp_path, ["actor", "qf", "qf_target", "log_alpha", "q_optimizer",
+                                                          "actor_optimizer", "alpha_optimizer"])
+
+
+def test_resume_takes_the_runs_own_settings_and_rejects_contradicting_flags(tmp_path):
+    """`--resume` alone continues with the checkpoint's settings (not the defaults); repeating them is accepted; a
+    flag that contradicts the checkpoint fails with one line naming it; so does a checkpoint without its replay/."""
+    run_script(SCRIPT, *RESUME_RUN[:3], "300", *RESUME_RUN[4:], cwd=str(tmp_path))
+    checkpoint = glob.glob(f"{tmp_path}/runs/*/{sac.SCRIPT}.pt")[0]
+    for flags, fragment in [(["--env-id", "Pendulum-v1"], "--env-id Pendulum-v1 contradicts the checkpoint (Hopper"),
+                            (["--seed", "1"], "--seed 1 contradicts"), (["--q-lr", "0.001"], "--q-lr 0.001 contra"),
+                            (["--total-timesteps", "300"], "must exceed the checkpoint's step")]:
+        result = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "400", *flags, cwd=str(tmp_path),
+                            check=False)
+        assert result.returncode != 0 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    extended = run_script(SCRIPT, "--resume", checkpoint, *RESUME_RUN[:3], "400", *RESUME_RUN[4:], cwd=str(tmp_path))
+    assert "resumed at step 300" in extended.stdout and "Hopper-v5, obs 11" in extended.stdout
+    shutil.rmtree(os.path.join(os.path.dirname(checkpoint), "replay"))
+    result = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "500", cwd=str(tmp_path), check=False)
+    assert "needs its replay/ folder beside it" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_atomic_write_flushes_to_disk_before_the_rename(tmp_path, monkeypatch):
@@ -604,7 +607,7 @@ def test_checkpoint_from_another_script_is_rejected(in_tmp):
     with pytest.raises(SystemExit, match="another program"):
         sac.main(sac.Args(eval_checkpoint="list.pt"))
     torch.save({"script": "sac_continuous", "version": 2, "args": {}}, "old.pt")  # before alpha_optimizer
-    with pytest.raises(SystemExit, match="format version 2, this script reads version 3; re-create it"):
+    with pytest.raises(SystemExit, match=f"format version 2, this script reads version {sac.CHECKPOINT_VERSION}; re-"):
         sac.main(sac.Args(eval_checkpoint="old.pt"))
 
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import (all_finite, assert_minari_equals_npz, evaluation_returns, only_run_dir, read_scalars,
-                      record_buffer_adds, run_script, wandb_offline_tags)
+from conftest import (all_finite, assert_minari_equals_npz, assert_resume_is_exact, evaluation_returns, only_run_dir,
+                      read_scalars, record_buffer_adds, run_script, wandb_offline_tags)
 
 import td3_continuous as td3
 
@@ -351,10 +351,38 @@ def test_checkpoint_round_trip_and_resume(in_tmp):
     assert not np.array_equal(other_seed, returns)
     with pytest.raises(SystemExit, match="must exceed the checkpoint's step"):
         td3.main(tiny_args(resume=checkpoint[0], total_timesteps=300))
-    td3.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True, q_lr=1e-3))
-    latest = torch.load(max(glob.glob("runs/*/td3_continuous.pt"), key=os.path.getmtime), weights_only=True)
-    assert latest["global_step"] == 400
-    assert latest["q_optimizer"]["param_groups"][0]["lr"] == 1e-3  # the command line's rate, not the saved one
+    td3.main(tiny_args(resume=checkpoint[0], total_timesteps=400, save_model=True))  # extends the finished run
+    assert torch.load(checkpoint[0], weights_only=True)["global_step"] == 400  # in the run's own folder
+
+
+RESUME_RUN = ["--env-id", "Hopper-v5", "--total-timesteps", "2500", "--learning-starts", "300", "--batch-size", "32",
+              "--hidden-dims", "32", "32", "--eval-every", "500", "--eval-episodes", "2", "--log-every", "100",
+              "--save-model", "--checkpoint-every", "400", "--no-cuda", "--seed", "2"]
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_is_the_same_run(tmp_path):
+    """kill -9 at whatever moment after a checkpoint, then `--resume CHECKPOINT` alone: the same run as the one never
+    interrupted, bit for bit (CPU, same machine), the delayed actor updates included."""
+    assert_resume_is_exact(SCRIPT, RESUME_RUN, tmp_path, ["actor", "actor_target", "qf", "qf_target", "q_optimizer",
+                                                          "actor_optimizer"])
+
+
+def test_resume_of_another_env_or_settings_fails_with_one_line(tmp_path):
+    """A flag that contradicts the checkpoint fails naming it (this used to train the checkpoint's Pendulum and exit
+    0); repeating the run's own flags is accepted."""
+    run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "200", "--learning-starts", "100",
+               "--batch-size", "16", "--hidden-dims", "16", "16", "--eval-every", "200", "--eval-episodes", "1",
+               "--save-model", cwd=str(tmp_path))
+    checkpoint = glob.glob(f"{tmp_path}/runs/*/{td3.SCRIPT}.pt")[0]
+    for flags, fragment in [(["--env-id", "Hopper-v5"], "--env-id Hopper-v5 contradicts the checkpoint (Pendulum-v1)"),
+                            (["--policy-frequency", "3"], "--policy-frequency 3 contradicts"),
+                            (["--hidden-dims", "16", "32"], "--hidden-dims (16, 32) contradicts")]:
+        result = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "300", *flags, cwd=str(tmp_path),
+                            check=False)
+        assert result.returncode != 0 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_script(SCRIPT, "--resume", checkpoint, "--total-timesteps", "300", "--env-id", "Pendulum-v1",
+                        "--hidden-dims", "16", "16", "--seed", "1", cwd=str(tmp_path))
+    assert "resumed at step 200" in result.stdout
 
 
 def test_paper_network_widths_are_settable_and_recorded_in_the_checkpoint(tmp_path):
