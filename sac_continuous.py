@@ -83,8 +83,9 @@ class Args:
     batch_size: int = 256
     """minibatch size per gradient step (paper: 256)"""
     learning_starts: int = 10_000
-    """uniform-random steps before the first gradient step (not in the paper's table; softlearning: 10 episodes of
-    1000 steps on MuJoCo; CleanRL: 5e3)"""
+    """uniform-random steps before the first gradient step (not in the paper's table; softlearning: 10 episodes'
+    worth, 10 x 1000 steps on MuJoCo, before TF2 (n_initial_exploration_steps, a187972~1) and after (num_warmup_samples,
+    13cf187); CleanRL: 5e3)"""
     hidden_dim: int = 256
     """units in each of the 2 hidden ReLU layers of every network (paper: 256)"""
     policy_lr: float = 3e-4
@@ -357,8 +358,9 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    # Flush denormal floats to zero on CPU, process-wide: x86 arithmetic on them is very slow, and Adam's second
-    # moments of near-zero gradients fall there. Not a hyperparameter of the paper; a no-op where unsupported.
+    # Flush denormal floats to zero on CPU: x86 arithmetic on them is very slow, and Adam's second moments of near-zero
+    # gradients fall there. It sets this thread's floating-point mode, which threads started later inherit (torch's
+    # intra-op pool starts at the first parallel kernel, after this line). Not in the paper; a no-op where unsupported.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     run_name = (checkpoint["run_name"] if args.resume  # a resumed run goes on in its own folder
@@ -484,6 +486,9 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be in [0, 2**32 - 20000) (the evaluation envs add 10000)")
     if args.learning_starts < 0:
         fail(f"--learning-starts must be >= 0, got {args.learning_starts}")
+    if args.learning_starts >= args.total_timesteps:
+        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): every "
+              "step is uniformly random, no gradient step is taken, and the evaluations are of the untrained policy")
     if args.resume and args.eval_checkpoint:
         fail("give either --resume (continue training) or --eval-checkpoint (evaluate only), not both")
     if not 0.0 < args.tau <= 1.0:

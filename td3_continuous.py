@@ -288,8 +288,9 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    # Flush denormal floats to zero on CPU, process-wide: x86 arithmetic on them is very slow, and Adam's second
-    # moments of near-zero gradients fall there. Not a hyperparameter of the paper; a no-op where unsupported.
+    # Flush denormal floats to zero on CPU: x86 arithmetic on them is very slow, and Adam's second moments of near-zero
+    # gradients fall there. It sets this thread's floating-point mode, which threads started later inherit (torch's
+    # intra-op pool starts at the first parallel kernel, after this line). Not in the paper; a no-op where unsupported.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     run_name = (checkpoint["run_name"] if args.resume  # a resumed run goes on in its own folder
@@ -412,6 +413,9 @@ def validate_args(args: Args):
     for name in ["learning_starts", "exploration_noise", "policy_noise", "noise_clip"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.learning_starts >= args.total_timesteps:
+        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): every "
+              "step is uniformly random, no gradient step is taken, and the evaluations are of the untrained policy")
     for name in ["seed", "eval_seed"]:
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32 - 20_000:
             fail(f"--{name.replace('_', '-')} must be in [0, 2**32 - 20000) (evaluations use seed + 10000), "

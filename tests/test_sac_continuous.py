@@ -641,3 +641,13 @@ def test_capture_video_writes_mp4_files(tmp_path):
         pytest.skip(f"no rendering backend here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     assert len(glob.glob(str(tmp_path / "videos" / "*" / "*.mp4"))) == 2
+
+
+def test_a_warm_up_as_long_as_the_run_is_announced_at_start_up(in_tmp, capsys):
+    """--learning-starts >= --total-timesteps trains nothing: said before the first step, not left to the reader of
+    the final evaluation."""
+    sac.main(tiny_args(total_timesteps=100, learning_starts=100, eval_every=100))
+    output = capsys.readouterr().out
+    assert output.index("warning: --learning-starts (100) >= --total-timesteps (100)") < output.index("run ")
+    sac.main(tiny_args(total_timesteps=100, learning_starts=99, eval_every=100))
+    assert "warning" not in capsys.readouterr().out

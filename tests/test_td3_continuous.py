@@ -567,3 +567,13 @@ def test_a_step_both_terminated_and_truncated_is_stored_as_terminal_only():
         log.add(np.zeros(2), np.zeros(1), 1.0, np.ones(2), terminated, truncated)
     assert log.arrays["terminals"].tolist() == [False, True, False]
     assert log.arrays["timeouts"].tolist() == [False, False, True]
+
+
+def test_a_warm_up_as_long_as_the_run_is_announced_at_start_up(in_tmp, capsys):
+    """--learning-starts >= --total-timesteps trains nothing: said before the first step, not left to the reader of
+    the final evaluation."""
+    td3.main(tiny_args(total_timesteps=100, learning_starts=100, eval_every=100))
+    output = capsys.readouterr().out
+    assert output.index("warning: --learning-starts (100) >= --total-timesteps (100)") < output.index("run ")
+    td3.main(tiny_args(total_timesteps=100, learning_starts=99, eval_every=100))
+    assert "warning" not in capsys.readouterr().out
