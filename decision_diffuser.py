@@ -22,10 +22,12 @@ Commands (datasets follow docs/datasets.md; the first is the small configuration
         --learning-rate 1e-3 --normalizer limits --sampler ddim --sampling-steps 10 --save-model
     python decision_diffuser.py --dataset mujoco/hopper/expert-v0 --download-dataset --save-model  # faithful: GPU
     python decision_diffuser.py --eval-checkpoint runs/<run_name>/decision_diffuser.pt --sampler ddim
+    python decision_diffuser.py --resume runs/<run_name>/decision_diffuser.pt  # exactly; --total-steps N extends it
 """
 
 import contextlib
 import copy
+import glob
 import math
 import os
 import random
@@ -42,7 +44,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = "decision_diffuser"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -88,7 +90,9 @@ class Args:
     eval_every: int = 100_000  # evaluate the EMA model every N optimiser steps (and at the end)
     eval_episodes: int = 10  # episodes per evaluation, run in parallel in a vector env (released code: 10)
     log_every: int = 1000  # write losses to TensorBoard and print a progress line every N optimiser steps
-    save_model: bool = False  # write `runs/{run_name}/decision_diffuser.pt` at every evaluation and at the end
+    save_model: bool = False  # write `runs/{run_name}/decision_diffuser.pt` (all --resume needs) at evals and the end
+    checkpoint_every: int | None = None  # with --save-model, also write the checkpoint every N optimiser steps
+    resume: str | None = None  # go on with this checkpoint's run exactly, its flags kept (--total-steps may extend it)
     eval_checkpoint: str | None = None  # evaluation-only mode: load this checkpoint; sampling flags still apply
     eval_seed: int | None = None  # seed of --eval-checkpoint's episodes; default: the checkpoint's (its run's states)
 
@@ -374,8 +378,10 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    checkpoint = load_checkpoint(args.eval_checkpoint) if args.eval_checkpoint else None
-    if checkpoint is not None:  # the checkpoint decides the architecture, normalisers and env; sampling flags stay
+    checkpoint = load_checkpoint(args.eval_checkpoint or args.resume) if args.eval_checkpoint or args.resume else None
+    if args.resume:  # the run's state and folder come from the checkpoint; its settings are checked, not adopted
+        check_resume_flags(args, checkpoint)
+    if args.eval_checkpoint:  # the checkpoint decides the architecture, normalisers and env; sampling flags stay
         env_id, env_kwargs, obs_dim, act_dim, state_norm, action_norm, returns_offset, returns_scale, refs = \
             adopt_checkpoint_settings(args, checkpoint)
         source = f"checkpoint {args.eval_checkpoint}"
@@ -389,7 +395,7 @@ def main(args: Args):
         state_norm = Normalizer.fit(np.concatenate([data["observations"], data["next_observations"]]),
                                     args.normalizer, args.cdf_knots)
         action_norm = Normalizer.fit(data["actions"], args.normalizer, args.cdf_knots)
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if args.resume else f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     video_dir = f"videos/{run_name}" if args.capture_video else None
 
     def make_envs(record: bool):  # the evaluation envs; --capture-video records the final evaluation's episodes
@@ -399,7 +405,7 @@ def main(args: Args):
 
     if video_dir:  # rendering is checked now, not after training
         make_env(env_id, args.seed + 10_000, obs_dim, act_dim, source, env_kwargs, video_dir).close()
-    envs = make_envs(record=checkpoint is not None and video_dir is not None)
+    envs = make_envs(record=args.eval_checkpoint is not None and video_dir is not None)
     state_norm, action_norm = Normalizer(state_norm.knots.to(device)), Normalizer(action_norm.knots.to(device))
     nets = nn.ModuleDict(dict(unet=TemporalUnet(obs_dim, args.horizon, args.dim, args.dim_mults, args.kernel_size),
                               inverse_dynamics=inverse_dynamics_mlp(obs_dim, act_dim, args.inv_hidden_dim))).to(device)
@@ -409,7 +415,7 @@ def main(args: Args):
     guided, compute_loss = (torch.compile(fn) if args.compile else fn for fn in (guided_epsilon, loss_fn))
     sampler_text = f"DDPM {args.n_diffusion_steps} steps" if args.sampler == "ddpm" else \
         f"DDIM {len(ddim_timesteps(args.n_diffusion_steps, args.sampling_steps))} steps (eta {args.ddim_eta:g})"
-    if checkpoint is not None:  # evaluation-only mode: the EMA weights plan
+    if args.eval_checkpoint:  # evaluation-only mode: the EMA weights plan
         ema.load_state_dict(checkpoint["ema_model"])
         returns, ms = evaluate(ema, schedule, state_norm, action_norm, envs, args, args.test_return, device, guided)
         print(f"evaluation of {args.eval_checkpoint} (step {checkpoint['global_step']}) on {env_id}, {sampler_text}, "
@@ -417,15 +423,23 @@ def main(args: Args):
         envs.close()
         return returns
     windows = PlanWindows(data, state_norm, action_norm, args.horizon, device)
-    writer = make_writer(args, run_name)
-    checkpoint_path = f"runs/{run_name}/{SCRIPT}.pt"
-    print(f"run {run_name}: {env_id}, {len(data['rewards'])} transitions, obs {obs_dim}, actions {act_dim}, U-Net "
-          f"{sum(p.numel() for p in nets.unet.parameters()) / 1e6:.2f}M parameters, returns: {returns_text}, sampler "
-          f"{sampler_text}, device {device}")
+    path = f"runs/{run_name}/{SCRIPT}.pt"
     saved = dict(script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), state_knots=state_norm.knots.cpu(),
                  action_knots=action_norm.knots.cpu(), returns_offset=float(returns_offset), obs_dim=obs_dim,
                  returns_scale=float(returns_scale), env_id=env_id, act_dim=act_dim, ref_scores=refs and list(refs),
-                 env_kwargs=env_kwargs)
+                 env_kwargs=env_kwargs, run_name=run_name, device=device.type)
+    start = restore_training(checkpoint, saved, path, nets, ema, optimizer) if args.resume else 0
+    writer = make_writer(args, run_name, purge_step=start + 1 if args.resume else None)
+    print(f"run {run_name}: {env_id}, {len(data['rewards'])} transitions, obs {obs_dim}, actions {act_dim}, U-Net "
+          f"{sum(p.numel() for p in nets.unet.parameters()) / 1e6:.2f}M parameters, returns: {returns_text}, sampler "
+          f"{sampler_text}, device {device}" + (f", resumed at step {start}" if args.resume else ""))
+
+    def save(step):  # with --save-model: all --resume needs; first flush this step's events (resumes keep them)
+        if args.save_model:
+            writer.flush()
+            state = dict(saved, global_step=step, model=nets.state_dict(), ema_model=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), random_state=random_state())
+            atomic_write(path, lambda file: torch.save(state, file))
 
     def run_evaluation(step):  # the EMA weights plan, as in the released code
         returns, ms = evaluate(ema, schedule, state_norm, action_norm, envs, args, args.test_return, device, guided)
@@ -435,13 +449,11 @@ def main(args: Args):
             writer.add_scalar("eval/normalized_score", normalized_score(returns.mean(), refs), step)
         print(f"eval at step {step}: {describe_returns(returns, refs)} [{sampler_text}, {ms:.1f} ms per plan]",
               flush=True)
-        if args.save_model:
-            atomic_write(checkpoint_path, lambda file: torch.save(dict(saved, global_step=step, model=nets.state_dict(),
-                         ema_model=ema.state_dict(), optimizer=optimizer.state_dict()), file))
+        save(step)
         return returns
 
-    progress = Progress(0, args.total_steps)  # steps per second of the last logging interval, evaluations left out
-    for step in range(1, args.total_steps + 1):
+    progress = Progress(start, args.total_steps)  # steps per second of the last logging interval, evaluations left out
+    for step in range(start + 1, args.total_steps + 1):
         loss, diffusion_loss, inv_loss = train_step(nets, ema, schedule, optimizer, windows, step, args, compute_loss)
         if step % args.log_every == 0 or step == args.total_steps:  # the training loop's only host syncs (.item())
             sps, eta = progress.tick(step)
@@ -453,7 +465,10 @@ def main(args: Args):
                   f"{scalars['losses/diffusion_loss']:.4f} | inv loss {scalars['losses/inv_loss']:.4f}", flush=True)
         if step % args.eval_every == 0 and step != args.total_steps:
             with progress.paused():
-                run_evaluation(step)
+                run_evaluation(step)  # and the checkpoint
+        elif args.checkpoint_every and step % args.checkpoint_every == 0 and step != args.total_steps:
+            with progress.paused():
+                save(step)
 
     if video_dir:
         envs.close()
@@ -461,7 +476,7 @@ def main(args: Args):
     eval_returns = run_evaluation(args.total_steps)
     print(f"final evaluation: {describe_returns(eval_returns, refs)}")
     if args.save_model:
-        print(f"saved checkpoint to {checkpoint_path}")
+        print(f"saved checkpoint to {path}")
     envs.close()
     close_writer(args, writer)
     return eval_returns
@@ -494,6 +509,9 @@ def validate_args(args: Args):
         (args.returns_scale is None or args.returns_scale > 0, f"--returns-scale must be > 0: {args.returns_scale}"),
         (min(args.temperature, args.ddim_eta, args.ema_start) >= 0, "--temperature, --ddim-eta, --ema-start: >= 0"),
         (args.cdf_knots >= 2, f"--cdf-knots must be >= 2, got {args.cdf_knots}"),
+        (not (args.resume and args.eval_checkpoint), "give either --resume or --eval-checkpoint, not both"),
+        (args.checkpoint_every is None or (args.checkpoint_every > 0 and args.save_model),
+         f"--checkpoint-every {args.checkpoint_every} needs --save-model and a value > 0 (or drop it)"),
         (args.eval_checkpoint is not None or args.dataset is not None,
          "--dataset is required to train: a .npz (`python sac_continuous.py --env-id Hopper-v5 --export-replay "
          "data/hopper.npz`), a D4RL .hdf5, or a Minari id such as mujoco/hopper/medium-v0")]
@@ -717,9 +735,9 @@ class Progress:
         return sps, "after warm-up" if warming_up else f"{eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
 
 
-def make_writer(args, run_name: str) -> SummaryWriter:
+def make_writer(args, run_name: str, purge_step: int | None = None) -> SummaryWriter:
     """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
-    patch only sees writers created after wandb.init."""
+    patch only sees writers created after wandb.init. From purge_step on, TensorBoard drops older events."""
     if args.track:
         try:
             import wandb
@@ -727,9 +745,9 @@ def make_writer(args, run_name: str) -> SummaryWriter:
             fail("--track needs Weights & Biases: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", purge_step or 0)
     return writer
 
 
@@ -779,6 +797,59 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def random_state() -> dict:
+    """The python, numpy, torch and CUDA (one per GPU, none without) generators' states in types that torch.load reads
+    with weights_only=True: numpy's key array as a tensor (it refuses ndarrays), the others as they are."""
+    kind, keys, *rest = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all())
+
+
+def set_random_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Flags that a resumed run may give anew: they change where and how it runs and what it writes, not its numbers.
+MAY_CHANGE_AT_RESUME = {"resume", "total_steps", "cuda", "compile", "track", "wandb_project_name", "wandb_entity",
+                        "capture_video", "download_dataset", "log_every", "save_model", "checkpoint_every",
+                        "eval_checkpoint", "eval_seed"}
+
+
+def check_resume_flags(args: Args, checkpoint: dict):
+    """A resumed run keeps its settings, except those of MAY_CHANGE_AT_RESUME; --total-steps must exceed its step."""
+    for key, old in checkpoint["args"].items():
+        if key not in MAY_CHANGE_AT_RESUME and getattr(args, key) != old:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint ({old}); a resumed run "
+                 "keeps its own settings: drop the flag, or start a new run")
+    if args.total_steps <= checkpoint["global_step"]:
+        fail(f"--total-steps {args.total_steps} must exceed the checkpoint's step {checkpoint['global_step']}")
+
+
+def restore_training(checkpoint: dict, saved: dict, path: str, nets, ema, optimizer) -> int:
+    """--resume: check the data and device against `saved` (what this run's checkpoints record), restore every state
+    the checkpoint holds, remove the temporary file a kill during a checkpoint write leaves, return the step."""
+    if not all(np.array_equal(saved[key], checkpoint[key]) for key in ("state_knots", "action_knots", "returns_offset",
+                                                                        "returns_scale")):
+        fail(f"dataset {checkpoint['args']['dataset']} is not the data of the run (its normalisers or return scale "
+             "differ from the checkpoint's); resume with the run's own data, or start a new run")
+    if checkpoint["device"] != saved["device"]:
+        fail(f"the run trained on {checkpoint['device']}, not {saved['device']}: resume it on its own device "
+             "(--no-cuda for the cpu)")
+    nets.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema_model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    set_random_state(checkpoint["random_state"])
+    step = checkpoint["global_step"]
+    checkpoint.clear()  # frees its copies of the weights (a large model's are GBs); the Adam moments are in use now
+    for temporary in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(temporary)
+    return step
+
+
 def adopt_checkpoint_settings(args: Args, checkpoint: dict):
     """Evaluation-only mode: the checkpoint's architecture flags, episode seed, env, normalisers and references."""
     for key in "horizon n_diffusion_steps dim dim_mults kernel_size inv_hidden_dim normalizer cdf_knots".split():
@@ -791,10 +862,19 @@ def adopt_checkpoint_settings(args: Args, checkpoint: dict):
             checkpoint["returns_scale"], checkpoint["ref_scores"])
 
 
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume, flags not given take the checkpoint's values (main checks the given ones)."""
+    args = tyro.cli(Args, args=argv)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        args = tyro.cli(Args, args=argv, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+    return args
+
+
 def fail(message: str):
     """Stop with a one-line error that names the fix (no traceback)."""
     raise SystemExit(f"{SCRIPT}.py: error: {message}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

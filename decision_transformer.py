@@ -10,6 +10,8 @@ actions, one optimiser step per batch of K-step windows (`train_step`); evaluati
 with R_{t+1} = R_t - r_t after each step. Defaults: the official gym settings (kzl/decision-transformer,
 gym/experiment.py). What it leaves out: the Atari experiments; the state and return heads the official code defines
 but never trains.
+Resume: `--resume` continues a stopped run from its last checkpoint exactly as if it had never stopped; a higher
+--total-steps extends a finished run and changes nothing else (the warm-up counts steps).
 Checked against: kzl/decision-transformer (gym/), CORL `algorithms/offline/dt.py`. Departures: `# Deviation:`.
 
 Commands:
@@ -17,9 +19,11 @@ Commands:
     python decision_transformer.py --dataset data/hc_replay.npz
     python decision_transformer.py --dataset mujoco/hopper/medium-v0 --download-dataset
     python decision_transformer.py --eval-checkpoint runs/<run_name>/decision_transformer.pt --target-returns 3600
+    python decision_transformer.py --resume runs/<run_name>/decision_transformer.pt --total-steps 200000
 """
 
 import contextlib
+import glob
 import os
 import random
 import time
@@ -35,7 +39,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = "decision_transformer"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 OFFICIAL_TARGET_RETURNS = {"hopper": [3600.0, 1800.0], "halfcheetah": [12000.0, 6000.0], "walker2d": [5000.0, 2500.0]}
 
 
@@ -108,7 +112,13 @@ class Args:
     """write losses to TensorBoard and print a progress line every N gradient steps"""
     # Checkpoints
     save_model: bool = False
-    """write `runs/{run_name}/decision_transformer.pt` (atomically) at every evaluation and at the end"""
+    """write `runs/{run_name}/decision_transformer.pt` atomically (all --resume needs) at evaluations and the end"""
+    checkpoint_every: int | None = None
+    """with --save-model, also write the checkpoint every N gradient steps; None: at evaluations and the end only"""
+    resume: str | None = None
+    """continue the run of this checkpoint, in its own run folder, exactly as if it had never stopped: flags not given
+    keep the run's values; a different --total-steps (above the checkpoint's step; the warm-up counts steps, so
+    extending a finished run changes nothing else), device, logging or checkpoint flags are allowed, others fail"""
     eval_checkpoint: str | None = None
     """evaluation-only mode: load this checkpoint (no dataset needed) and print mean +- std per target return"""
     eval_seed: int | None = None
@@ -316,11 +326,15 @@ def main(args: Args):
         task = adopt_checkpoint_settings(args, checkpoint)
         eval_seed = args.eval_seed if args.eval_seed is not None else checkpoint["args"]["seed"]
     else:
+        if args.resume:  # the run's state and folder come from the checkpoint; its settings are checked, not adopted
+            checkpoint = load_checkpoint(args.resume)
+            check_resume_flags(args, checkpoint)
         data = load_dataset(args.dataset, args.download_dataset)
         task, eval_seed = dataset_task(data, args), args.seed
     env_fn = lambda: make_env(task["env_id"], eval_seed, task["env_kwargs"])  # noqa: E731
     low, high, max_steps = check_dataset_env(env_fn(), task, args.max_ep_len, args.eval_checkpoint or args.dataset)
-    run_name = f"{task['env_id']}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if args.resume else \
+        f"{task['env_id']}__{args.exp_name}__{args.seed}__{int(time.time())}"
     video_dir = f"videos/{run_name}" if args.capture_video else None
     if video_dir:  # rendering is checked now, not after training
         make_env(task["env_id"], eval_seed, task["env_kwargs"], video_dir).close()
@@ -354,11 +368,13 @@ def main(args: Args):
     loss_fn = torch.compile(action_loss) if args.compile else action_loss
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    writer = make_writer(args, run_name)
+    start = restore_training(checkpoint, task, model, optimizer, scheduler, generator) if args.resume else 0
+    writer = make_writer(args, run_name, purge_step=start + 1 if args.resume else None)
     episode_returns = task["episode_returns"]
     print(f"run {run_name}: {args.dataset} ({buffer.size} steps, {len(episode_returns)} episodes, returns mean "
           f"{episode_returns.mean():.1f}, best {episode_returns.max():.1f}) -> {task['env_id']}, device {device}, "
-          f"{sum(p.numel() for p in model.parameters())} parameters, targets {task['target_returns']}")
+          f"{sum(p.numel() for p in model.parameters())} parameters, targets {task['target_returns']}"
+          + (f", resumed at step {start}" if args.resume else ""))
 
     def run_evaluation(step):
         returns, texts = evaluate_targets(final=step == args.total_steps)
@@ -368,15 +384,20 @@ def main(args: Args):
                 writer.add_scalar(f"eval/normalized_score_target_{target:g}",
                                   normalized_score(target_returns.mean(), task["refs"]), step)
             print(f"eval at step {step} (target {target:g}): {text}")
-        if args.save_model:  # the task's state mean and std as tensors: weights_only loading reads no numpy arrays
-            saved = {key: torch.as_tensor(task[key]) if key.startswith("state_") else task[key] for key in TASK_KEYS}
-            atomic_write(f"runs/{run_name}/{SCRIPT}.pt", lambda file: torch.save(dict(script=SCRIPT, args=asdict(args),
-                         version=CHECKPOINT_VERSION, global_step=step, model=model.state_dict(), task=saved,
-                         optimizer=optimizer.state_dict()), file))
+        save(step)
         return texts
 
-    progress = Progress(0, args.total_steps)
-    for step in range(1, args.total_steps + 1):
+    def save(step):  # with --save-model: all --resume needs (state mean and std as tensors: weights_only reads them)
+        if args.save_model:
+            saved = {key: torch.as_tensor(task[key]) if key.startswith("state_") else task[key] for key in TASK_KEYS}
+            writer.flush()  # the events up to this step: a resumed run keeps them and purges the later ones
+            atomic_write(f"runs/{run_name}/{SCRIPT}.pt", lambda file: torch.save(dict(
+                script=SCRIPT, version=CHECKPOINT_VERSION, args=asdict(args), run_name=run_name, device=device.type,
+                global_step=step, task=saved, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), generator=generator.get_state(), random_state=random_state()), file))
+
+    progress = Progress(start, args.total_steps)
+    for step in range(start + 1, args.total_steps + 1):
         loss, grad_norm = train_step(model, optimizer, scheduler, buffer, generator, args.batch_size,
                                      args.context_len, args.grad_clip, loss_fn)
 
@@ -391,7 +412,10 @@ def main(args: Args):
                   flush=True)
         if step % args.eval_every == 0 and step != args.total_steps:
             with progress.paused():
-                run_evaluation(step)
+                run_evaluation(step)  # and the checkpoint
+        elif args.checkpoint_every and step % args.checkpoint_every == 0 and step != args.total_steps:
+            with progress.paused():
+                save(step)
 
     for target, text in zip(task["target_returns"], run_evaluation(args.total_steps)):
         print(f"final evaluation (target {target:g}): {text}")
@@ -416,6 +440,10 @@ def validate_args(args: Args):
             fail(f"{flag} must be in [0, 2**32 - 20000) (evaluation uses seed + 10000 + episode), got {seed}")
     if args.target_returns is not None and len(args.target_returns) == 0:
         fail("--target-returns needs at least one value, e.g. --target-returns 3600 1800")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume (continue training) or --eval-checkpoint (evaluate only), not both")
+    if args.checkpoint_every is not None and (args.checkpoint_every <= 0 or not args.save_model):
+        fail(f"--checkpoint-every {args.checkpoint_every} needs --save-model and a value > 0 (or drop it)")
     if args.eval_checkpoint is None and args.dataset is None:
         fail("pass --dataset (an .npz, a D4RL .hdf5 or a Minari id), or --eval-checkpoint to evaluate a trained model")
     if args.capture_video:
@@ -648,6 +676,57 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def random_state() -> dict:
+    """The python, numpy, torch and CUDA (one per GPU, none without) generators' states in types that torch.load reads
+    with weights_only=True: numpy's key array as a tensor (it refuses ndarrays), the others as they are."""
+    kind, keys, *rest = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all())
+
+
+def set_random_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Flags that a resumed run may give anew: they change where and how it runs and what it writes, not its numbers.
+MAY_CHANGE_AT_RESUME = {"resume", "total_steps", "cuda", "compile", "track", "wandb_project_name", "wandb_entity",
+                        "capture_video", "download_dataset", "log_every", "save_model", "checkpoint_every",
+                        "eval_checkpoint", "eval_seed"}
+
+
+def check_resume_flags(args: Args, checkpoint: dict):
+    """A resumed run keeps its settings, except those of MAY_CHANGE_AT_RESUME; --total-steps must exceed its step."""
+    for key, old in checkpoint["args"].items():
+        if key not in MAY_CHANGE_AT_RESUME and getattr(args, key) != old:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint ({old}); a resumed run "
+                 "keeps its own settings: drop the flag, or start a new run")
+    if args.total_steps <= checkpoint["global_step"]:
+        fail(f"--total-steps {args.total_steps} must exceed the checkpoint's step {checkpoint['global_step']}")
+
+
+def restore_training(checkpoint: dict, task: dict, model, optimizer, scheduler, generator) -> int:
+    """--resume: check that the data and device (the generator's) are the run's own, restore every state the checkpoint
+    holds, remove the temporary file that a kill during a checkpoint write leaves, and return the checkpoint's step."""
+    if not all(np.array_equal(task[key], checkpoint["task"][key]) for key in ("state_mean", "state_std")):
+        fail(f"dataset '{checkpoint['args']['dataset']}' is not the data of the run (its state mean and std differ "
+             "from the checkpoint's); resume with the run's own data, or start a new run")
+    if checkpoint["device"] != generator.device.type:
+        fail(f"the run trained on {checkpoint['device']}, not {generator.device.type}: resume it on its own device "
+             "(--no-cuda for the cpu)")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    generator.set_state(checkpoint["generator"])
+    set_random_state(checkpoint["random_state"])
+    for temporary in glob.glob(glob.escape(f"runs/{checkpoint['run_name']}/{SCRIPT}.pt") + ".tmp*"):
+        os.remove(temporary)
+    return checkpoint["global_step"]
+
+
 def adopt_checkpoint_settings(args: Args, checkpoint: dict) -> dict:
     """The checkpoint's model settings and task (see dataset_task); --env-id and --target-returns override its own."""
     for key in MODEL_KEYS:
@@ -659,9 +738,9 @@ def adopt_checkpoint_settings(args: Args, checkpoint: dict) -> dict:
 
 
 # --- Logging and errors -----------------------------------------------------------------------------------------------
-def make_writer(args, run_name: str) -> SummaryWriter:
+def make_writer(args, run_name: str, purge_step: int | None = None) -> SummaryWriter:
     """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
-    patch only sees writers created after wandb.init."""
+    patch only sees writers created after wandb.init. From purge_step on, TensorBoard drops older events."""
     if args.track:
         try:
             import wandb
@@ -669,9 +748,9 @@ def make_writer(args, run_name: str) -> SummaryWriter:
             fail("--track needs Weights & Biases: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", purge_step or 0)
     return writer
 
 
@@ -703,10 +782,19 @@ class Progress:
         return sps, "after warm-up" if warming_up else f"{eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"
 
 
+def parse_args(argv=None) -> Args:
+    """The command line. With --resume, flags not given take the checkpoint's values (main checks the given ones)."""
+    args = tyro.cli(Args, args=argv)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        args = tyro.cli(Args, args=argv, default=Args(**{**checkpoint["args"], "resume": args.resume}))
+    return args
+
+
 def fail(message: str):
     """Stop with a one-line error that names the fix (no traceback)."""
     raise SystemExit(f"{SCRIPT}.py: error: {message}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

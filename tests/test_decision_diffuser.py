@@ -3,6 +3,8 @@ U-Net, data handling, the CLI, learning on Pendulum-v1, checkpoints, determinism
 
 import glob
 import os
+import random
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import all_finite, evaluation_returns, only_run_dir, read_scalars, run_script, wandb_offline_tags
+from conftest import (all_finite, evaluation_returns, only_run_dir, read_scalars, run_killed_after_checkpoint,
+                      run_script, wandb_offline_tags)
 
 import decision_diffuser as dd
 
@@ -744,7 +747,7 @@ def test_bad_input_fails_with_one_line(in_tmp, small_dataset):
     write_npz(in_tmp / "noenv.npz", drop=("env_id",), source=small_dataset)
     torch.save({"script": "sac_continuous", "version": 1}, in_tmp / "sac.pt")
     (in_tmp / "corrupt.pt").write_bytes(b"not a checkpoint")
-    torch.save({"script": "decision_diffuser", "version": 1, "args": {}}, in_tmp / "partial.pt")
+    torch.save({"script": "decision_diffuser", "version": dd.CHECKPOINT_VERSION, "args": {}}, in_tmp / "partial.pt")
     if "NoTimeLimitPendulum-v0" not in gym.registry:  # an env that never truncates
         gym.register("NoTimeLimitPendulum-v0", entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv")
     cases = [
@@ -775,3 +778,129 @@ def test_bad_input_fails_with_one_line(in_tmp, small_dataset):
         message = str(error.value)
         assert "\n" not in message and fragment in message, (fragment, message)
         assert message.startswith("decision_diffuser.py: error:")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact resume: a run stopped at any moment after a checkpoint and resumed ends as if it had never stopped
+# ----------------------------------------------------------------------------------------------------------------------
+RESUMED = ("model", "ema_model", "optimizer", "random_state", "state_knots", "action_knots", "global_step")
+WALL_CLOCK_TAGS = {"charts/SPS", "eval/ms_per_plan"}
+
+
+def assert_identical(first, second, where="checkpoint"):
+    """Nested dicts, lists and tuples of tensors and plain values: equal tensors (torch.equal), equal values."""
+    if isinstance(first, dict):
+        assert first.keys() == second.keys(), where
+        for key in first:
+            assert_identical(first[key], second[key], f"{where}[{key!r}]")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second)):
+            assert_identical(a, b, f"{where}[{index}]")
+    elif isinstance(first, torch.Tensor):
+        assert torch.equal(first, second), where
+    else:
+        assert first == second, where
+
+
+def training_scalars(run_dir: str) -> dict:
+    return {tag: values for tag, values in read_scalars(run_dir).items() if tag not in WALL_CLOCK_TAGS}
+
+
+def evaluations_after(stdout: str, step: int) -> list[str]:
+    """The returns printed by the evaluations after `step` ("eval at step N: RETURNS [sampler, ms]"), and the final."""
+    return [line.split(" [")[0] for line in stdout.splitlines() if line.startswith("final evaluation")
+            or line.startswith("eval at step") and int(line.split()[3].rstrip(":")) > step]
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_ends_as_the_uninterrupted_run(tmp_path,
+                                                                                   inverted_pendulum_random_npz):
+    """SIGKILL after a checkpoint and events past it, then `--resume CHECKPOINT` alone: the same evaluations
+    after the checkpoint, the same final weights, EMA weights, Adam state and generators, the same TensorBoard scalars
+    (the killed run's events up to its checkpoint kept, later ones dropped) but the wall-clock ones. InvertedPendulum:
+    the tiny model drops the pole within a few steps, so evaluations are quick."""
+    cli = ["--dataset", inverted_pendulum_random_npz, *TINY, "--total-steps", "60", "--eval-every", "30",
+           "--log-every", "10", "--save-model"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = run_script(SCRIPT, *cli, cwd=str(tmp_path / "full"))
+    checkpoint = run_killed_after_checkpoint(SCRIPT, *cli, "--checkpoint-every", "15", cwd=str(tmp_path / "killed"),
+                                             checkpoint_name="decision_diffuser.pt")
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 15 <= step < 60
+    resumed = run_script(SCRIPT, "--resume", checkpoint, cwd=str(tmp_path / "killed"))
+    assert not resumed.stderr, resumed.stderr  # not even a warning from the command line's second parse
+    assert evaluations_after(resumed.stdout, step) == evaluations_after(full.stdout, step)
+    progress = [line for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert progress[0].startswith(f"step {(step // 10 + 1) * 10}/60 ")  # continues after the checkpoint
+    ends = [torch.load(os.path.join(only_run_dir(str(tmp_path / name)), "decision_diffuser.pt"), weights_only=True)
+            for name in ("full", "killed")]
+    assert_identical(*({key: end[key] for key in RESUMED} for end in ends))
+    assert training_scalars(only_run_dir(str(tmp_path / "killed"))) == training_scalars(
+        only_run_dir(str(tmp_path / "full")))
+
+
+def test_resuming_from_an_earlier_checkpoint_drops_the_later_events_and_repeats_the_run(
+        in_tmp, inverted_pendulum_random_npz, monkeypatch):
+    """The kill test's purge, made deterministic: resumed from the step-20 checkpoint of a finished run (its folder
+    holds every event up to step 60), the run writes the steps after 20 again. TensorBoard must show each scalar
+    once, as before (those of step 20 kept, the later ones replaced), and the run must end as it did."""
+    copies, atomic_write = {}, dd.atomic_write
+
+    def keep_every_checkpoint(target, write):
+        atomic_write(target, write)
+        step = torch.load(target, weights_only=True)["global_step"]
+        copies[step] = f"step{len(copies)}.pt"
+        shutil.copy(target, copies[step])
+
+    monkeypatch.setattr(dd, "atomic_write", keep_every_checkpoint)
+    dd.main(dd.parse_args(["--dataset", inverted_pendulum_random_npz, *TINY, "--total-steps", "60", "--eval-every",
+                           "30", "--log-every", "10", "--save-model", "--checkpoint-every", "20"]))
+    assert sorted(copies) == [20, 30, 40, 60]
+    run_dir = only_run_dir(str(in_tmp))
+    before, end = training_scalars(run_dir), torch.load(copies[60], weights_only=True)
+    dd.main(dd.parse_args(["--resume", copies[20]]))
+    assert training_scalars(run_dir) == before
+    again = torch.load(os.path.join(run_dir, "decision_diffuser.pt"), weights_only=True)
+    assert_identical({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
+
+
+def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flags(in_tmp, inverted_pendulum_random_npz):
+    """A flag that contradicts the checkpoint fails with one line naming it, and so do another device and other data
+    under the run's dataset path; the run's own flags are accepted, and a higher --total-steps extends the run
+    exactly as if it had been asked for from the start."""
+    shutil.copy(inverted_pendulum_random_npz, "data.npz")
+    cli = ["--dataset", "data.npz", *TINY, "--total-steps", "20", "--eval-every", "1000", "--log-every", "10",
+           "--eval-episodes", "1"]
+    dd.main(dd.parse_args([*cli, "--save-model", "--exp-name", "short"]))
+    checkpoint = glob.glob("runs/*short*/decision_diffuser.pt")[0]
+    cases = [(["--seed", "7"], "error: --seed 7 contradicts the checkpoint (1); a resumed run keeps its own settings: "
+              "drop the flag, or start a new run"), (["--dataset", "other.npz"], "--dataset other.npz contradicts"),
+             (["--dim-mults", "1", "4"], "--dim-mults (1, 4) contradicts the checkpoint ((1, 2))"),
+             (["--sampler", "ddpm"], "--sampler ddpm"), (["--ema-decay", "0.99"], "--ema-decay 0.99"),
+             ([], "--total-steps 20 must exceed the checkpoint's step 20")]
+    for flags, fragment in cases:
+        with pytest.raises(SystemExit) as error:
+            dd.main(dd.parse_args(["--resume", checkpoint, *flags]))
+        assert "\n" not in str(error.value) and fragment in str(error.value), (fragment, str(error.value))
+    torch.save({**torch.load(checkpoint, weights_only=True), "device": "cuda"}, "cuda.pt")
+    with pytest.raises(SystemExit, match="the run trained on cuda, not cpu"):
+        dd.main(dd.parse_args(["--resume", "cuda.pt", "--total-steps", "40"]))
+    dd.main(dd.parse_args(["--resume", checkpoint, *cli, "--total-steps", "40"]))  # the run's own flags, extended
+    dd.main(dd.parse_args([*cli, "--total-steps", "40", "--save-model", "--exp-name", "long"]))
+    extended, long = (torch.load(glob.glob(f"runs/*{name}*/*.pt")[0], weights_only=True) for name in ("short", "long"))
+    assert extended["global_step"] == 40
+    assert_identical({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
+    write_npz("data.npz", source=inverted_pendulum_random_npz, rewards=np.zeros(300, np.float32))  # other data there
+    with pytest.raises(SystemExit, match="is not the data of the run"):
+        dd.main(dd.parse_args(["--resume", checkpoint, "--total-steps", "60"]))
+
+
+def test_random_states_survive_weights_only_loading(tmp_path):
+    """numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: random_state stores a tensor."""
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    torch.save({"random_state": dd.random_state()}, tmp_path / "state.pt")
+    draws = lambda: (random.random(), np.random.rand(), np.random.normal(), torch.rand(1).item())  # noqa: E731
+    first = draws()
+    dd.set_random_state(torch.load(tmp_path / "state.pt", weights_only=True)["random_state"])
+    assert draws() == first

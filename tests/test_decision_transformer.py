@@ -3,6 +3,8 @@ evaluation bookkeeping, the real CLI, learning on a Pendulum dataset, checkpoint
 
 import glob
 import os
+import random
+import shutil
 import sys
 import time
 import types
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 import decision_transformer as dt
-from conftest import all_finite, only_run_dir, read_scalars, run_script, wandb_offline_tags
+from conftest import (all_finite, only_run_dir, read_scalars, run_killed_after_checkpoint, run_script,
+                      wandb_offline_tags)
 
 SCRIPT = "decision_transformer.py"
 TINY = ["--no-cuda", "--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16",
@@ -663,3 +666,129 @@ def test_return_conditioning_selects_good_or_bad_behaviour(in_tmp):
     print(f"good episodes {good.mean():.1f}, bad {bad.mean():.1f}; DT at 1000: {high_return:.1f}, at {low:g}: "
           f"{low_return:.1f}")
     assert high_return > 500 and high_return > 5 * low_return
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact resume: a run stopped at any moment after a checkpoint and resumed ends as if it had never stopped
+# ----------------------------------------------------------------------------------------------------------------------
+RESUMED = ("model", "optimizer", "scheduler", "generator", "random_state", "task", "global_step")  # all but args, name
+WALL_CLOCK_TAGS = {"charts/SPS"}
+
+
+def assert_identical(first, second, where="checkpoint"):
+    """Nested dicts, lists and tuples of tensors and plain values: equal tensors (torch.equal), equal values."""
+    if isinstance(first, dict):
+        assert first.keys() == second.keys(), where
+        for key in first:
+            assert_identical(first[key], second[key], f"{where}[{key!r}]")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), where
+        for index, (a, b) in enumerate(zip(first, second)):
+            assert_identical(a, b, f"{where}[{index}]")
+    elif isinstance(first, torch.Tensor):
+        assert torch.equal(first, second), where
+    else:
+        assert first == second, where
+
+
+def training_scalars(run_dir: str) -> dict:
+    return {tag: values for tag, values in read_scalars(run_dir).items() if tag not in WALL_CLOCK_TAGS}
+
+
+def evaluations_after(stdout: str, step: int) -> list[str]:
+    """The evaluation lines printed for steps after `step` ("eval at step N (target R): ..."), and the final ones."""
+    return [line for line in stdout.splitlines() if line.startswith("final evaluation")
+            or line.startswith("eval at step") and int(line.split()[3]) > step]
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_ends_as_the_uninterrupted_run(tmp_path, pendulum_data):
+    """SIGKILL after a checkpoint and events past it, then `--resume CHECKPOINT` alone: the same evaluations
+    after the checkpoint, the same final weights, optimiser, scheduler and generators, the same TensorBoard scalars
+    (the killed run's events up to its checkpoint kept, later ones dropped) but the wall-clock speed."""
+    path, _ = pendulum_data
+    cli = ["--dataset", path, "--total-steps", "200", "--eval-every", "80", "--target-returns", "-200",
+           "--save-model", *TINY]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = run_script(SCRIPT, *cli, cwd=str(tmp_path / "full"))
+    checkpoint = run_killed_after_checkpoint(SCRIPT, *cli, "--checkpoint-every", "30", cwd=str(tmp_path / "killed"),
+                                             checkpoint_name="decision_transformer.pt")
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 30 <= step < 200
+    resumed = run_script(SCRIPT, "--resume", checkpoint, cwd=str(tmp_path / "killed"))
+    assert not resumed.stderr, resumed.stderr  # not even a warning from the command line's second parse
+    assert evaluations_after(resumed.stdout, step) == evaluations_after(full.stdout, step)
+    progress = [line for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert progress[0].startswith(f"step {(step // 20 + 1) * 20}/200 ")  # continues after the checkpoint (log-every 20)
+    ends = [torch.load(os.path.join(only_run_dir(str(tmp_path / name)), "decision_transformer.pt"), weights_only=True)
+            for name in ("full", "killed")]
+    assert_identical(*({key: end[key] for key in RESUMED} for end in ends))
+    assert training_scalars(only_run_dir(str(tmp_path / "killed"))) == training_scalars(
+        only_run_dir(str(tmp_path / "full")))
+
+
+def test_resuming_from_an_earlier_checkpoint_drops_the_later_events_and_repeats_the_run(in_tmp, pendulum_data,
+                                                                                       monkeypatch):
+    """The kill test's purge, made deterministic: resumed from the step-40 checkpoint of a finished run (its folder
+    holds every event up to step 100), the run writes the steps after 40 again. TensorBoard must show each scalar
+    once, as before (those of step 40 kept, the later ones replaced), and the run must end as it did."""
+    path, _ = pendulum_data
+    copies, atomic_write = {}, dt.atomic_write
+
+    def keep_every_checkpoint(target, write):
+        atomic_write(target, write)
+        step = torch.load(target, weights_only=True)["global_step"]
+        copies[step] = f"step{len(copies)}.pt"
+        shutil.copy(target, copies[step])
+
+    monkeypatch.setattr(dt, "atomic_write", keep_every_checkpoint)
+    dt.main(dt.parse_args(["--dataset", path, "--total-steps", "100", "--eval-every", "50", "--target-returns",
+                           "-200", "--save-model", "--checkpoint-every", "20", *TINY[:-4], "--eval-episodes", "1",
+                           "--log-every", "10"]))
+    assert sorted(copies) == [20, 40, 50, 60, 80, 100]
+    run_dir = only_run_dir(str(in_tmp))
+    before, end = training_scalars(run_dir), torch.load(copies[100], weights_only=True)
+    dt.main(dt.parse_args(["--resume", copies[40]]))
+    assert training_scalars(run_dir) == before
+    again = torch.load(os.path.join(run_dir, "decision_transformer.pt"), weights_only=True)
+    assert_identical({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
+
+
+def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flags(in_tmp, pendulum_data):
+    """A flag that contradicts the checkpoint fails with one line naming it, and so do another device and other data
+    under the run's dataset path; the run's own flags are accepted, and a higher --total-steps extends the run
+    exactly as if it had been asked for from the start."""
+    shutil.copy(pendulum_data[0], "data.npz")
+    cli = ["--dataset", "data.npz", "--total-steps", "20", "--eval-every", "1000", "--target-returns", "-200",
+           *TINY[:-4], "--eval-episodes", "1", "--log-every", "10"]
+    dt.main(dt.parse_args([*cli, "--save-model", "--exp-name", "short"]))
+    checkpoint = glob.glob("runs/*short*/decision_transformer.pt")[0]
+    cases = [(["--seed", "7"], "error: --seed 7 contradicts the checkpoint (1); a resumed run keeps its own settings: "
+              "drop the flag, or start a new run"), (["--dataset", "other.npz"], "--dataset other.npz contradicts"),
+             (["--embed-dim", "64"], "--embed-dim 64"), (["--no-torch-deterministic"], "--torch-deterministic False"),
+             ([], "--total-steps 20 must exceed the checkpoint's step 20")]
+    for flags, fragment in cases:
+        with pytest.raises(SystemExit) as error:
+            dt.main(dt.parse_args(["--resume", checkpoint, *flags]))
+        assert "\n" not in str(error.value) and fragment in str(error.value), (fragment, str(error.value))
+    torch.save({**torch.load(checkpoint, weights_only=True), "device": "cuda"}, "cuda.pt")
+    with pytest.raises(SystemExit, match="the run trained on cuda, not cpu"):
+        dt.main(dt.parse_args(["--resume", "cuda.pt", "--total-steps", "40"]))
+    dt.main(dt.parse_args(["--resume", checkpoint, *cli, "--total-steps", "40"]))  # the run's own flags, extended
+    dt.main(dt.parse_args([*cli, "--total-steps", "40", "--save-model", "--exp-name", "long"]))
+    extended, long = (torch.load(glob.glob(f"runs/*{name}*/*.pt")[0], weights_only=True) for name in ("short", "long"))
+    assert extended["global_step"] == 40
+    assert_identical({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
+    write_pendulum_dataset("data.npz", episodes=30, seed=1)  # other data under the run's own path
+    with pytest.raises(SystemExit, match="is not the data of the run"):
+        dt.main(dt.parse_args(["--resume", checkpoint, "--total-steps", "60"]))
+
+
+def test_random_states_survive_weights_only_loading(tmp_path):
+    """numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: random_state stores a tensor."""
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    torch.save({"random_state": dt.random_state()}, tmp_path / "state.pt")
+    draws = lambda: (random.random(), np.random.rand(), np.random.normal(), torch.rand(1).item())  # noqa: E731
+    first = draws()
+    dt.set_random_state(torch.load(tmp_path / "state.pt", weights_only=True)["random_state"])
+    assert draws() == first
