@@ -86,7 +86,7 @@ class Args:
     sampler: Literal["ddpm", "ddim"] = "ddpm"  # ddpm: all K steps (released code); ddim: --sampling-steps steps
     sampling_steps: int = 20  # DDIM steps, a strided subsequence of the K training steps (with --sampler ddim)
     ddim_eta: float = 0.0  # DDIM eta (Song et al. Eq. (16)): 0 deterministic; 1 with S = K is DDPM
-    temperature: float = 0.5  # low-temperature alpha: scales x_K and each step's noise (released code, paper: 0.5)
+    temperature: float = 0.5  # scales x_K's and each noise's std (released: 0.5); paper's alpha 0.5 (variance) = 0.707
     eval_every: int = 100_000  # evaluate the EMA model every N optimiser steps (and at the end)
     eval_episodes: int = 10  # episodes per evaluation, run in parallel in a vector env (released code: 10)
     log_every: int = 1000  # write losses to TensorBoard and print a progress line every N optimiser steps
@@ -296,7 +296,8 @@ def ddim_timesteps(n_steps: int, sampling_steps: int) -> list[int]:
 @torch.no_grad()
 def sample(epsilon_fn, schedule, state, horizon, steps, eta=None, temperature=0.5, initial_noise=None, generator=None):
     """Plans (B, H, obs_dim) by DD Algorithm 1 with `epsilon_fn(x_k, k)` over `steps`: eta None, DDPM ancestral sampling
-    (DDPM Algorithm 2); else DDIM (Song et al. Eqs. (12), (16)). Low temperature: alpha scales x_K and every z."""
+    (DDPM Algorithm 2); else DDIM (Song et al. Eqs. (12), (16)). Low temperature: `temperature` multiplies x_K and
+    every z, so it scales their standard deviation (released code); the paper's alpha scales the variance."""
     batch, shape = state.shape[0], (state.shape[0], horizon, state.shape[-1])  # plans are (B, H, obs_dim)
     noise0 = torch.randn(shape, device=state.device, generator=generator) if initial_noise is None else initial_noise
     x = inpaint(temperature * noise0, state)  # x_K ~ N(0, alpha^2 I), s_t inpainted
@@ -392,6 +393,8 @@ def main(args: Args):
         data["returns"] = discounted_returns(data, args.discount, args.termination_penalty)
         returns_offset, returns_scale, returns_text = returns_scaling(data, args)
         data["scaled_returns"] = (data["returns"] - returns_offset) / returns_scale  # conditioning targets y(tau)
+        # Deviation: the state normaliser is fitted on observations and next observations (released code: observations
+        # only), so the final states s_T that end the plans (see PlanWindows) lie in its range too.
         state_norm = Normalizer.fit(np.concatenate([data["observations"], data["next_observations"]]),
                                     args.normalizer, args.cdf_knots)
         action_norm = Normalizer.fit(data["actions"], args.normalizer, args.cdf_knots)

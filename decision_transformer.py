@@ -82,9 +82,10 @@ class Args:
     n_heads: int = 1
     """attention heads per block"""
     dropout: float = 0.1
-    """dropout on embeddings, attention weights and residual branches"""
+    """dropout on attention weights and residual branches, and (deviation) on the embeddings, which the official code
+    leaves at GPT-2's 0.1 whatever its --dropout (the same at the default 0.1)"""
     max_ep_len: int = 1000
-    """size of the learned timestep embedding; must exceed every episode's length"""
+    """size of the learned timestep embedding; at least the longest episode (data or evaluation env's time limit)"""
     # Optimisation (defaults: the official gym experiments)
     batch_size: int = 64
     """windows per gradient step"""

@@ -487,8 +487,8 @@ def validate_args(args: Args):
     if args.learning_starts < 0:
         fail(f"--learning-starts must be >= 0, got {args.learning_starts}")
     if args.learning_starts >= args.total_timesteps:
-        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): every "
-              "step is uniformly random, no gradient step is taken, and the evaluations are of the untrained policy")
+        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): "
+              "every step is uniformly random, no gradient step is taken, the evaluations are of the untrained policy")
     if args.resume and args.eval_checkpoint:
         fail("give either --resume (continue training) or --eval-checkpoint (evaluate only), not both")
     if not 0.0 < args.tau <= 1.0:

@@ -414,8 +414,8 @@ def validate_args(args: Args):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.learning_starts >= args.total_timesteps:
-        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): every "
-              "step is uniformly random, no gradient step is taken, and the evaluations are of the untrained policy")
+        print(f"warning: --learning-starts ({args.learning_starts}) >= --total-timesteps ({args.total_timesteps}): "
+              "every step is uniformly random, no gradient step is taken, the evaluations are of the untrained policy")
     for name in ["seed", "eval_seed"]:
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 2**32 - 20_000:
             fail(f"--{name.replace('_', '-')} must be in [0, 2**32 - 20000) (evaluations use seed + 10000), "

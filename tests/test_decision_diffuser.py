@@ -247,6 +247,15 @@ def test_unet_preserves_shape_for_valid_horizons(horizon, mults):
     assert out.shape == (3, horizon, 5)
 
 
+def test_unet_output_depends_on_the_diffusion_step():
+    """The noise prediction eps_theta(x_k, k, y) is a function of k: the same x_k at two steps gives two outputs."""
+    torch.manual_seed(0)
+    unet = dd.TemporalUnet(obs_dim=5, horizon=8, dim=8, dim_mults=(1, 2), kernel_size=5)
+    x, returns, keep = torch.randn(1, 8, 5).expand(2, -1, -1), torch.rand(1, 1).expand(2, -1), torch.ones(2)
+    out = unet(x, torch.tensor([1, 7]), returns, keep)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
 def test_a_horizon_the_unet_cannot_halve_is_rejected_with_one_line():
     with pytest.raises(SystemExit) as error:
         dd.validate_args(dd.Args(dataset="data.npz", horizon=30, dim_mults=(1, 2, 4)))
@@ -370,6 +379,46 @@ def test_loss_fn_weights_index_zero_and_masks_padded_actions():
     assert torch.equal(losses(actions=padded)[2], inverse)
     padded[0, 1] += 5.0
     assert not torch.equal(losses(actions=padded)[2], inverse)
+
+
+def asymmetric_inverse_dynamics(pairs):
+    """f(s, s') = s' - 2 s per dimension (act_dim = obs_dim): swapping s_t and s_t+1 changes every value."""
+    obs_dim = pairs.shape[-1] // 2
+    return pairs[..., obs_dim:] - 2 * pairs[..., :obs_dim]
+
+
+def test_the_inverse_dynamics_loss_feeds_s_t_then_s_t_plus_1():
+    """DD Eq. (4)/(6): the inverse dynamics model is trained on a_t = f(s_t, s_t+1), in that order."""
+    torch.manual_seed(6)
+    states, actions = torch.rand(2, 4, 3) * 2 - 1, torch.rand(2, 4, 3) * 2 - 1
+    nets = SimpleNamespace(unet=lambda x_k, *_: torch.zeros_like(x_k), inverse_dynamics=asymmetric_inverse_dynamics)
+    _, _, inv_loss = dd.loss_fn(nets, dd.CosineSchedule(10), states, actions, torch.ones(2, 4, dtype=torch.bool),
+                                torch.rand(2, 1), 0.0)
+    expected = ((states[:, 1:] - 2 * states[:, :-1] - actions[:, :-1]) ** 2).mean()
+    torch.testing.assert_close(inv_loss, expected)
+
+
+def test_evaluation_acts_with_f_of_s_t_then_the_planned_s_t_plus_1(monkeypatch):
+    """DD Algorithm 1: a_t = f(s_t, s_t+1) with s_t+1 from the plan, in that order. A plan whose next state lies one
+    unit above the current one, and f(s, s') = s' - 2 s: in order the first action dimension is 1 - s (positive for
+    InvertedPendulum's small states), swapped it is -1 - ... (negative)."""
+    state_norm, action_norm = dd.Normalizer(torch.tensor([[-1.0, 1.0]] * 4)), dd.Normalizer(torch.tensor([[-3.0, 3.0]]))
+    sent = []
+
+    def stub_sample(epsilon_fn, schedule, state, *unused, **unused_too):
+        return torch.stack([state, state + 1.0], dim=1)  # (E, 2, obs_dim): s_t and a planned s_t+1
+
+    def inverse_dynamics(pair):  # one action dimension: the first of s' - 2 s
+        return asymmetric_inverse_dynamics(pair)[:, :1] / 3
+
+    args, nets = dd.Args(seed=3, eval_episodes=2, cuda=False), SimpleNamespace(inverse_dynamics=inverse_dynamics)
+    monkeypatch.setattr(dd, "sample", stub_sample)
+    envs = gym.vector.SyncVectorEnv([lambda i=i: dd.make_env("InvertedPendulum-v5", i, 4, 1, "test") for i in range(2)])
+    real_step = envs.step
+    monkeypatch.setattr(envs, "step", lambda actions: (sent.append(np.array(actions)), real_step(actions))[1])
+    dd.evaluate(nets, dd.CosineSchedule(10), state_norm, action_norm, envs, args, 0.9, torch.device("cpu"))
+    envs.close()
+    assert len(sent) > 1 and all((actions > 0).all() for actions in sent[:2]), sent[:2]
 
 
 def test_train_step_ema_is_a_copy_before_ema_start_then_an_exponential_average():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (all_finite, assert_minari_equals_npz, assert_resume_is_exact, assert_same_tensors,
-                      evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script, wandb_offline_tags)
+                      evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script,
+                      wandb_offline_tags)
 
 import sac_continuous as sac
 

@@ -98,6 +98,11 @@ def sb3_model(algorithm, args, monkeypatch, float64: bool, **kwargs):
     return model
 
 
+def logged(model, name: str) -> torch.Tensor:
+    """A loss SB3's `train` logged for its last step, e.g. "critic_loss"."""
+    return torch.tensor(model.logger.name_to_value[f"train/{name}"], dtype=torch.float32)
+
+
 def feed(model, batch):
     """SB3's replay buffer hands `batch` (our row layout, in the model's precision) to the next `train` step."""
     dtype = next(model.policy.parameters()).dtype
@@ -122,8 +127,9 @@ def test_sac_update_equals_stable_baselines3(in_tmp, monkeypatch):
 
     def lockstep(actor, qf, qf_target, log_alpha, optimizers, batch, step, args, target_entropy, losses):
         if not seen:  # the SB3 model starts from our initial weights
-            model = seen["model"] = sb3_model(sb3.SAC, args, monkeypatch, True, learning_rate=args.q_lr, ent_coef=f"auto_{args.initial_alpha}",
-                                              target_entropy=target_entropy, policy_kwargs=dict(net_arch=[32, 32]))
+            model = seen["model"] = sb3_model(
+                sb3.SAC, args, monkeypatch, True, learning_rate=args.q_lr, ent_coef=f"auto_{args.initial_alpha}",
+                target_entropy=target_entropy, policy_kwargs=dict(net_arch=[32, 32]))
             model.actor.action_dist.epsilon = 0.0
             load(model.actor, sac_actor_to_sb3(actor))
             load(model.critic, stacked_to_sb3(qf)), load(model.critic_target, stacked_to_sb3(qf_target))
@@ -153,8 +159,8 @@ def test_sac_update_equals_stable_baselines3(in_tmp, monkeypatch):
         assert_close(stacked_to_sb3(qf_target), model.critic_target.state_dict(), f"target critics, step {step}")
         assert_close(sac_actor_to_sb3(actor), model.actor.state_dict(), f"actor, step {step}")
         assert_close({"critic": metrics["qf_losses"].sum(), "actor": metrics["actor_loss"]},
-                     {"critic": torch.tensor(model.logger.name_to_value["train/critic_loss"], dtype=torch.float32),
-                      "actor": torch.tensor(model.logger.name_to_value["train/actor_loss"], dtype=torch.float32)}, f"losses {step}")
+                     {"critic": logged(model, "critic_loss"),
+                      "actor": logged(model, "actor_loss")}, f"losses {step}")
         assert_same_step_grads(seen["ours"][0], seen["theirs"][0], qf, model.critic, stacked_to_sb3, f"critic {step}")
         assert_same_step_grads(seen["ours"][1], seen["theirs"][1], actor, model.actor, sac_actor_to_sb3,
                                f"actor {step}")
@@ -220,10 +226,10 @@ def test_td3_update_equals_stable_baselines3(in_tmp, monkeypatch):
         assert_close(td3_actor_to_sb3(actor_target), model.actor_target.state_dict(), f"target actor, step {step}")
         assert len(seen["ours"][1].grads) == len(seen["theirs"][1].grads), f"actor steps differ at step {step}"
         assert_close({"critic": metrics["qf_losses"].sum()},
-                     {"critic": torch.tensor(model.logger.name_to_value["train/critic_loss"], dtype=torch.float32)}, f"loss {step}")
+                     {"critic": logged(model, "critic_loss")}, f"loss {step}")
         if update_actor:
             assert_close({"actor": metrics["actor_loss"]},
-                         {"actor": torch.tensor(model.logger.name_to_value["train/actor_loss"], dtype=torch.float32)}, f"loss {step}")
+                         {"actor": logged(model, "actor_loss")}, f"loss {step}")
         assert_same_step_grads(seen["ours"][0], seen["theirs"][0], qf, model.critic, stacked_to_sb3, f"critic {step}")
         if update_actor:
             assert_same_step_grads(seen["ours"][1], seen["theirs"][1], actor, model.actor, td3_actor_to_sb3,
