@@ -1,0 +1,50 @@
+"""The documentation: every relative link and image in README.md and docs/*.md points at a file of the repository,
+the README's test command is the one CI runs, and each script's page lists every flag of the script."""
+
+import dataclasses
+import glob
+import os
+import re
+
+import pytest
+from conftest import ROOT
+
+import decision_diffuser
+import decision_transformer
+import sac_continuous
+import td3_continuous
+
+PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
+def relative_targets(text: str) -> list:
+    """Markdown link and image targets and HTML src attributes that are paths in the repository (not URLs, not
+    anchors within the page), without their #fragment."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text)
+    return [target.split("#")[0] for target in targets if not re.match(r"[a-z]+:|#", target)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: os.path.relpath(path, ROOT))
+def test_every_relative_link_and_image_resolves(page):
+    targets = relative_targets(open(page).read())
+    assert targets or not page.endswith("README.md"), "no links found in the README: the pattern is wrong"
+    missing = [target for target in targets
+               if not os.path.exists(os.path.normpath(os.path.join(os.path.dirname(page), target)))]
+    assert not missing, f"{os.path.relpath(page, ROOT)} links to files that do not exist: {missing}"
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run")) if "pytest" in line and
+          not line.lstrip().startswith("#")]
+    readme = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith("pip install") and
+              "pytest" in line]
+    assert len(ci) == 1 and readme == ci, (readme, ci)
+
+
+@pytest.mark.parametrize("module, page", [(sac_continuous, "sac.md"), (td3_continuous, "td3.md"),
+                                          (decision_transformer, "decision_transformer.md"),
+                                          (decision_diffuser, "decision_diffuser.md")], ids=lambda x: str(x)[-30:])
+def test_each_scripts_page_lists_every_flag(module, page):
+    text = open(os.path.join(ROOT, "docs", page)).read()
+    flags = [f"`--{field.name.replace('_', '-')}`" for field in dataclasses.fields(module.Args)]
+    assert [flag for flag in flags if flag not in text] == []
