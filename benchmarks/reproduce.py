@@ -19,11 +19,29 @@ cluster with `--slurm-partition` (and `--slurm-time`, `--gpus-per-run`), where S
 that is preempted or reaches --slurm-time is requeued by submitit (its Checkpointable interface) and resumes from its
 last checkpoint. The progress lines say which runs resumed, from which step.
 
+Peers: `--scripts` also takes `sb3_sac` and `sb3_td3`, Stable-Baselines3's SAC and TD3 run by
+`benchmarks/sb3_peer.py --algo sac|td3` with our scripts' default hyperparameters and our evaluation protocol (see
+that file). They run, are tabled and drawn like our scripts, under their own names (OUTPUT/jobs/sb3_sac/..., label
+`sb3_sac`); they write no checkpoint the harness resumes from, so an interrupted peer run starts afresh. The tables
+and pictures of an invocation hold the runs it names (finished ones included), so name ours beside the peers:
+
+    python benchmarks/reproduce.py --scripts sac_continuous.py td3_continuous.py sb3_sac sb3_td3 \
+        --env-ids HalfCheetah-v5 --seeds 1 2 3 --total-timesteps 100000 --workers 2 --output-dir OUT
+
 Outputs in OUTPUT: `evaluations.csv` (one row per run and evaluation), `TASK.md` (a table per task: final
 evaluation return over seeds, mean +- std, interquartile mean with a 95% percentile-bootstrap interval, normalized
-score, and the published numbers of `benchmarks/published.csv` for that task with their protocol and step count) and
-`TASK.png` and `TASK.svg` (mean over seeds per script against environment steps, with a 95% bootstrap band, published
-numbers up to 1.2x the runs' steps as marked points). `--aggregate-only` rebuilds these from the runs already there.
+score; where a peer and our script of the same algorithm both ran, the difference of their means with a 95%
+bootstrap interval; the published curves of `benchmarks/published/` at matched environment steps; and the published
+points of `benchmarks/published.csv` for that task with their protocol and step count) and `TASK.png` and
+`TASK.svg` (mean over seeds per script against environment steps, with a 95% bootstrap band; behind them the
+published curves of the same algorithms as bands, mean +- std over their seeds, up to the runs' last step; published
+points up to 1.2x the runs' steps as marked points). `--aggregate-only` rebuilds these from the runs already there.
+
+Published curves (`benchmarks/published/*.csv`, described in its README.md) hold each source's per-seed evaluations
+with its x-axis converted to environment steps. "Matched environment steps": a script's final step S is compared
+with the source's evaluation at the largest environment step <= S (the nearest evaluation not after S; no
+interpolation), mean +- std (population) over the source's seeds. Rows of published.csv that were read off one of
+these curves name it in their `curve` column and are shown through the curve, not again as points.
 """
 
 import argparse
@@ -43,7 +61,10 @@ import submitit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "benchmarks", "published.csv")
+PUBLISHED_CURVES = os.path.join(ROOT, "benchmarks", "published")  # per-seed curves in environment steps (README.md)
 OFFLINE = {"decision_transformer.py", "decision_diffuser.py"}  # trained on --dataset, for --total-steps steps
+PEERS = {"sb3_sac": "sac", "sb3_td3": "td3"}  # --scripts name -> benchmarks/sb3_peer.py --algo
+ALGORITHMS = {"sac_continuous": "sac", "td3_continuous": "td3", **PEERS}  # label -> algorithm, for comparisons
 CONFIDENCE = 0.95
 
 
@@ -85,11 +106,18 @@ def plan_runs(args, extra: list) -> list:
                     task_arg = task
                 folder = os.path.join(os.path.abspath(args.output_dir), "jobs", script.removesuffix(".py"),
                                       task_slug(task), f"seed{seed}")
-                command = [sys.executable, os.path.join(ROOT, script), "--dataset" if offline else "--env-id",
+                command = [sys.executable, *script_command(script), "--dataset" if offline else "--env-id",
                            task_arg, "--seed", str(seed), "--total-steps" if offline else "--total-timesteps",
                            str(args.total_timesteps), "--save-model", *extra]
                 runs.append(Run(script, task, seed, folder, command))  # tables name the task as it was given
     return runs
+
+
+def script_command(script: str) -> list:
+    """The program of a --scripts name: one of our scripts at the top level, or a peer through sb3_peer.py."""
+    if script in PEERS:
+        return [os.path.join(ROOT, "benchmarks", "sb3_peer.py"), "--algo", PEERS[script]]
+    return [os.path.join(ROOT, script)]
 
 
 def latest_checkpoint(run: Run) -> tuple[str, int] | None:
@@ -263,6 +291,18 @@ def read_evaluations(runs: list) -> list:
     return rows
 
 
+def difference_interval(ours, theirs, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of mean(ours) - mean(theirs): each group resampled with replacement on its
+    own (independent runs, not pairs), the difference of the resampled means taken `resamples` times."""
+    ours, theirs = np.asarray(ours, dtype=float), np.asarray(theirs, dtype=float)
+    rng = np.random.default_rng(seed)
+    differences = (ours[rng.integers(0, len(ours), (resamples, len(ours)))].mean(axis=1)
+                   - theirs[rng.integers(0, len(theirs), (resamples, len(theirs)))].mean(axis=1))
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def published_for(task: str, max_steps: float = math.inf) -> list:
     """Published rows for a task ("Hopper-v5" matches task Hopper of any version) up to max_steps, fewest steps
     first."""
@@ -270,6 +310,70 @@ def published_for(task: str, max_steps: float = math.inf) -> list:
     with open(PUBLISHED) as file:
         rows = [row for row in csv.DictReader(file) if row["task"].lower() == name and int(row["steps"]) <= max_steps]
     return sorted(rows, key=lambda row: int(row["steps"]))
+
+
+def published_points(task: str, max_steps: float = math.inf) -> list:
+    """The rows of published_for that are points of their own, not read off a curve of benchmarks/published/."""
+    return [row for row in published_for(task, max_steps) if not row.get("curve")]
+
+
+@dataclass
+class Curve:
+    """A published learning curve: `values[i, j]` is seed j's evaluation at `env_steps[i]` environment steps, which
+    the source's own x-axis calls `source_x[i]`. `meta` holds the file's `# key: value` lines (source, algorithm,
+    task, env_version, commit, file, x_axis, protocol, settings)."""
+    name: str
+    meta: dict
+    env_steps: np.ndarray
+    source_x: np.ndarray
+    values: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return (f"{self.meta['source']} {self.meta['algorithm'].upper()} ({self.meta['task']}-"
+                f"{self.meta['env_version']}, {self.values.shape[1]} seeds)")
+
+
+def read_curve(path: str) -> Curve:
+    meta, lines = {}, []
+    with open(path) as file:
+        for line in file:
+            if line.startswith("#"):
+                key, _, value = line[1:].partition(":")
+                meta[key.strip()] = value.strip()
+            else:
+                lines.append(line)
+    table = list(csv.DictReader(lines))
+    seeds = sorted((column for column in table[0] if re.fullmatch(r"seed_\d+", column)), key=lambda c: int(c[5:]))
+    return Curve(os.path.basename(path), meta, np.array([int(row["env_steps"]) for row in table]),
+                 np.array([int(row["source_x"]) for row in table]),
+                 np.array([[float(row[seed]) for seed in seeds] for row in table]))
+
+
+def published_curves(task: str, algorithms=None) -> list:
+    """The curves of benchmarks/published/ for a task ("Hopper-v5" matches task Hopper of any version), of the given
+    algorithms (all if None), in file-name order."""
+    name = task.split("-v")[0].lower()
+    curves = [read_curve(path) for path in sorted(glob.glob(os.path.join(PUBLISHED_CURVES, "*.csv")))]
+    return [curve for curve in curves if curve.meta["task"].lower() == name
+            and (algorithms is None or curve.meta["algorithm"] in algorithms)]
+
+
+def value_at(curve: Curve, step: int):
+    """The curve's evaluation matched with our step: the one at the largest environment step <= `step` (the nearest
+    not after it, no interpolation), as (env_steps, source_x, per-seed values); None before its first evaluation."""
+    before = np.flatnonzero(curve.env_steps <= step)
+    if len(before) == 0:
+        return None
+    index = before[np.argmax(curve.env_steps[before])]
+    return int(curve.env_steps[index]), int(curve.source_x[index]), curve.values[index]
+
+
+def curve_band(curve: Curve, last: float = math.inf) -> tuple:
+    """(environment steps, mean, std) of a published curve up to `last` environment steps: the mean and the
+    population std over its seeds at each evaluation (as Tianshou's shaded band and the TD3 paper's +- std)."""
+    shown = curve.env_steps <= last
+    return curve.env_steps[shown], curve.values[shown].mean(axis=1), curve.values[shown].std(axis=1)
 
 
 def final_results(rows: list) -> dict:
@@ -285,18 +389,73 @@ def final_results(rows: list) -> dict:
     return results
 
 
+def peer_lines(results: dict) -> list:
+    """Our script against a peer of the same algorithm at the same final step: the difference of the means."""
+    lines = []
+    for ours, (step, returns, _) in results.items():
+        for peer, (peer_step, peer_returns, _) in results.items():
+            if ours in PEERS or peer not in PEERS or ALGORITHMS.get(ours) != PEERS[peer] or step != peer_step:
+                continue
+            a, b = np.array(list(returns.values())), np.array(list(peer_returns.values()))
+            low, high = difference_interval(a, b)
+            lines.append(f"| {ours} | {peer} | {step} | {len(a)} vs {len(b)} | {a.mean():.1f} +- {a.std():.1f} | "
+                         f"{b.mean():.1f} +- {b.std():.1f} | {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}] |")
+    if not lines:
+        return []
+    return ["", "Against a peer (the same algorithm and settings in Stable-Baselines3, our evaluation protocol): "
+            "difference of the means over seeds, ours minus the peer's, with a 95% percentile-bootstrap interval "
+            "(each group resampled on its own):", "",
+            "| ours | peer | step | seeds | ours, mean +- std | peer, mean +- std | difference [95% CI] |",
+            "|---|---|---|---|---|---|---|", *lines]
+
+
+def curve_lines(task: str, results: dict) -> list:
+    """Each of our labels against the published curves of its algorithm, at matched environment steps."""
+    lines = []
+    for label, (step, returns, _) in results.items():
+        if label not in ALGORITHMS:
+            continue
+        ours = np.array(list(returns.values()))
+        for curve in published_curves(task, [ALGORITHMS[label]]):
+            matched = value_at(curve, step)
+            if matched is None:
+                continue
+            at, source_x, theirs = matched
+            low, high = difference_interval(ours, theirs)
+            spread = theirs.std()
+            lines.append(f"| {label} | {step} | {ours.mean():.1f} +- {ours.std():.1f} | {curve.meta['source']} "
+                         f"({curve.meta['task']}-{curve.meta['env_version']}) | "
+                         f"{at} ({curve.meta.get('x_name', 'x =')} "
+                         f"{source_x}) | {len(theirs)} | "
+                         f"{theirs.mean():.1f} +- {spread:.1f} | {ours.mean() - theirs.mean():+.1f} "
+                         f"[{low:+.1f}, {high:+.1f}] | "
+                         f"{(ours.mean() - theirs.mean()) / spread if spread else math.nan:+.2f} |")
+    if not lines:
+        return []
+    return ["", "Published curves at matched environment steps (`benchmarks/published/`; other environment versions "
+            "and protocols, compare with care): the source's evaluation at the largest environment step not after "
+            "ours (its own x-axis value in brackets), mean +- std over its seeds; the difference of the means, ours "
+            "minus theirs, with a 95% percentile-bootstrap interval (each group resampled on its own), and in units "
+            "of the published std:", "",
+            "| ours | step | ours, mean +- std | published curve | its env step (its x) | seeds | published, "
+            "mean +- std | difference [95% CI] | in published std |", "|---|---|---|---|---|---|---|---|---|", *lines]
+
+
 def markdown_table(task: str, rows: list) -> str:
     lines = [f"## {task}", "", "| script | step | seeds | return, mean +- std | IQM [95% CI] | normalized score |",
              "|---|---|---|---|---|---|"]
-    for label, (step, returns, scores) in final_results(rows).items():
+    results = final_results(rows)
+    for label, (step, returns, scores) in results.items():
         values = np.array(list(returns.values()))
         low, high = bootstrap_interval(values)
         score = f"{np.mean(list(scores.values())):.1f}" if scores else "-"
         lines.append(f"| {label} | {step} | {len(values)} | {values.mean():.1f} +- {values.std():.1f} | "
                      f"{interquartile_mean(values):.1f} [{low:.1f}, {high:.1f}] | {score} |")
-    published = published_for(task)
+    lines += peer_lines(results)
+    lines += curve_lines(task, results)
+    published = published_points(task)
     if published:
-        lines += ["", "Published (other environment versions and protocols; compare with care):", "",
+        lines += ["", "Published points (other environment versions and protocols; compare with care):", "",
                   "| source | algorithm | env | steps | seeds | return | protocol |", "|---|---|---|---|---|---|---|"]
         for row in published:
             spread = f" +- {row['spread']}" if row["spread"] else ""
@@ -313,6 +472,18 @@ def plot(task: str, rows: list, path: str):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    last = max(row["step"] for row in rows)
+    # Behind ours: the published curves of the algorithms drawn here, mean +- std over their seeds, up to our last
+    # step (dashed: SAC, dotted: TD3).
+    algorithms = {ALGORITHMS[row["label"]] for row in rows if row["label"] in ALGORITHMS}
+    colours = ["0.45", "tab:olive", "tab:brown", "tab:pink", "tab:cyan", "tab:purple"]
+    for colour, curve in zip(colours, published_curves(task, algorithms) if algorithms else []):
+        steps, mean, spread = curve_band(curve, last)
+        if not len(steps):
+            continue
+        axes.fill_between(steps, mean - spread, mean + spread, color=colour, alpha=0.15, linewidth=0, zorder=1)
+        axes.plot(steps, mean, color=colour, linestyle="--" if curve.meta["algorithm"] == "sac" else ":",
+                  linewidth=1.2, zorder=1.5, label=f"{curve.label}, mean +- std")
     for label in sorted({row["label"] for row in rows}):
         mine = [row for row in rows if row["label"] == label]
         steps = sorted({row["step"] for row in mine})
@@ -321,18 +492,21 @@ def plot(task: str, rows: list, path: str):
             values = [row["episodic_return"] for row in mine if row["step"] == step]
             low, high = bootstrap_interval(values, statistic=np.mean, resamples=2000)
             kept.append(step), means.append(np.mean(values)), lows.append(low), highs.append(high)
-        line, = axes.plot(kept, means, marker=".", label=f"{label} ({len({row['seed'] for row in mine})} seeds)")
-        axes.fill_between(kept, lows, highs, color=line.get_color(), alpha=0.2)
+        line, = axes.plot(kept, means, marker=".", zorder=3,
+                          label=f"{label} ({len({row['seed'] for row in mine})} seeds)")
+        axes.fill_between(kept, lows, highs, color=line.get_color(), alpha=0.2, zorder=2)
     # Published points within the runs' range only (the table lists them all): a 1M-step point would squash a
     # 100k-step curve into the left tenth of the picture.
-    for marker, row in zip("ovs^D<>pP*", published_for(task, max_steps=1.2 * max(row["step"] for row in rows))):
-        axes.plot(int(row["steps"]), float(row["return"]), marker, color="black", fillstyle="none",
+    for marker, row in zip("ovs^D<>pP*", published_points(task, max_steps=1.2 * last)):
+        axes.plot(int(row["steps"]), float(row["return"]), marker, color="black", fillstyle="none", zorder=4,
                   label=f"{row['source']} ({row['algorithm'].upper()}, {row['task']}-{row['env_version']})")
     axes.set_xlabel("environment steps" if not any(row["script"] in OFFLINE for row in rows) else "training steps")
     axes.set_ylabel("evaluation return")
-    axes.set_title(f"{task_slug(task)}: mean over seeds, 95% bootstrap band")  # a dataset by its file name
+    # a dataset by its file name
+    axes.set_title(f"{task_slug(task)}: mean over seeds, 95% bootstrap band" if not algorithms else
+                   f"{task_slug(task)}: ours, mean over seeds, 95% bootstrap band; published, mean +- std", fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    axes.legend(fontsize=6.5, loc="best")
     figure.tight_layout()
     figure.savefig(path + ".png", dpi=110)
     figure.savefig(path + ".svg")
@@ -360,7 +534,8 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scripts", nargs="+", required=True, help="scripts at the repository's top level")
+    parser.add_argument("--scripts", nargs="+", required=True,
+                        help=f"scripts at the repository's top level, or the peers {', '.join(PEERS)}")
     parser.add_argument("--env-ids", nargs="*", default=[], help="Gymnasium ids for sac/td3_continuous.py")
     parser.add_argument("--datasets", nargs="*", default=[], help="datasets for the offline scripts")
     parser.add_argument("--seeds", nargs="+", type=int, required=True)
@@ -375,8 +550,8 @@ def main(argv=None):
     parser.add_argument("--cpus-per-run", type=int, default=2)
     args = parser.parse_args(argv)
     for script in args.scripts:
-        if not os.path.isfile(os.path.join(ROOT, script)):
-            parser.error(f"--scripts: no {script} at the repository's top level")
+        if script not in PEERS and not os.path.isfile(os.path.join(ROOT, script)):
+            parser.error(f"--scripts: no {script} at the repository's top level (peers: {', '.join(PEERS)})")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     os.makedirs(args.output_dir, exist_ok=True)

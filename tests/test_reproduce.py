@@ -1,7 +1,9 @@
 """Tests of benchmarks/reproduce.py: the harness end to end through its command line (submitit's local executor, the
-same code path as Slurm), reruns, failures, and the statistics against hand computations."""
+same code path as Slurm), reruns, failures, and the statistics against hand computations; the published curves of
+benchmarks/published/ at matched environment steps; the Stable-Baselines3 peer (benchmarks/sb3_peer.py)."""
 
 import csv
+import glob
 import math
 import os
 import subprocess
@@ -230,3 +232,225 @@ def test_published_numbers_are_those_of_the_task_and_the_picture_keeps_those_wit
         in_range = reproduce.published_for(task, max_steps=120_000)
         assert in_range and {int(row["steps"]) for row in in_range} == {100_000}
         assert len(in_range) < len(every)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Published curves (benchmarks/published/) at matched environment steps
+# ----------------------------------------------------------------------------------------------------------------------
+def only_curve(task: str, algorithm: str, source: str) -> "reproduce.Curve":
+    curves = [curve for curve in reproduce.published_curves(task, [algorithm]) if curve.meta["source"] == source]
+    assert len(curves) == 1, curves
+    return curves[0]
+
+
+def test_tianshou_curves_count_the_random_warm_up_in_their_environment_steps():
+    """Tianshou's x-axis starts after its random warm-up (10k SAC, 25k TD3): its rows x = 90000 (SAC) and x = 75000
+    (TD3) of HalfCheetah-v3/*/test_rew_10seeds.csv (rew, rew:shaded: 6212.7888, 437.2369 and 4715.3097, 387.332)
+    are the evaluations at 100k environment steps."""
+    sac = only_curve("HalfCheetah-v5", "sac", "Tianshou benchmark")
+    step, x, values = reproduce.value_at(sac, 100_000)
+    assert (step, x) == (100_000, 90_000)
+    assert values.mean() == pytest.approx(6212.7888, abs=1e-3) and values.std() == pytest.approx(437.2369, abs=1e-3)
+    td3 = only_curve("HalfCheetah-v5", "td3", "Tianshou benchmark")
+    step, x, values = reproduce.value_at(td3, 100_000)
+    assert (step, x) == (100_000, 75_000)
+    assert values.mean() == pytest.approx(4715.3097, abs=1e-3) and values.std() == pytest.approx(387.332, abs=1e-3)
+    assert [int(s) for s in sac.env_steps[:3]] == [10_000, 15_000, 20_000]  # x = 0: the untrained policy after 10k
+
+
+def test_td3_authors_curves_put_evaluation_k_at_5000_k_environment_steps():
+    """sfujim/TD3's arrays: index 0 is the untrained policy (step 0), index k the evaluation at 5000 k steps; index 20
+    of the ten HalfCheetah seeds has mean 5513.5 and population std 553.7 (numpy on the .npy files)."""
+    curve = only_curve("HalfCheetah-v5", "td3", "TD3 authors' learning curves")
+    assert curve.values.shape == (201, 10) and int(curve.env_steps[-1]) == 1_000_000
+    step, index, values = reproduce.value_at(curve, 100_000)
+    assert (step, index) == (100_000, 20)
+    assert round(values.mean(), 1) == 5513.5 and round(values.std(), 1) == 553.7
+    assert reproduce.value_at(curve, 0)[:2] == (0, 0)
+
+
+def test_matching_takes_the_nearest_evaluation_not_after_our_step():
+    """No interpolation, nothing from after our step: at 98000 steps Tianshou's SAC gives its evaluation at 95000
+    environment steps (x = 85000, mean 6106.3958), not the one at 100000; before a curve's first evaluation
+    (Tianshou's TD3 on HalfCheetah starts at x = 5000, i.e. 30000 steps) there is nothing to compare."""
+    sac = only_curve("HalfCheetah-v5", "sac", "Tianshou benchmark")
+    step, x, values = reproduce.value_at(sac, 98_000)
+    assert (step, x) == (95_000, 85_000) and values.mean() == pytest.approx(6106.3958, abs=1e-3)
+    td3 = only_curve("HalfCheetah-v5", "td3", "Tianshou benchmark")
+    assert reproduce.value_at(td3, 29_999) is None
+    step, x, values = reproduce.value_at(td3, 30_000)
+    assert (step, x) == (30_000, 5_000) and values.mean() == pytest.approx(-491.7738, abs=1e-3)
+
+
+def test_the_bands_are_the_mean_and_population_std_over_the_seeds_as_tianshou_drew_them():
+    """Tianshou's files carry their own mean and shaded (np.std) columns beside the ten seeds: the band of every
+    stored Tianshou curve reproduces both at every evaluation (the seeds are rounded to 4 decimals there)."""
+    for path in sorted(glob.glob(os.path.join(reproduce.PUBLISHED_CURVES, "tianshou_*.csv"))):
+        curve = reproduce.read_curve(path)
+        table = list(csv.DictReader(line for line in open(path) if not line.startswith("#")))
+        steps, mean, spread = reproduce.curve_band(curve)
+        assert len(steps) == len(table) > 200
+        assert np.allclose(mean, [float(row["source_mean"]) for row in table], atol=2e-3), path
+        assert np.allclose(spread, [float(row["source_std"]) for row in table], atol=2e-3), path
+        assert reproduce.curve_band(curve, 100_000)[0][-1] == 100_000  # up to the runs' last step
+
+
+def test_published_rows_read_off_a_curve_agree_with_it_at_their_steps():
+    """The 100k rows of published.csv that came from these curves (their `curve` column) hold the curve's mean and
+    std at that environment step; the table and the picture show them through the curve, not again as points."""
+    with open(reproduce.PUBLISHED) as file:
+        rows = [row for row in csv.DictReader(file) if row["curve"]]
+    assert len(rows) == 9  # Tianshou SAC and TD3, the TD3 authors: HalfCheetah, Hopper, Walker2d
+    for row in rows:
+        curve = reproduce.read_curve(os.path.join(reproduce.PUBLISHED_CURVES, row["curve"]))
+        step, _, values = reproduce.value_at(curve, int(row["steps"]))
+        assert step == int(row["steps"])
+        assert values.mean() == pytest.approx(float(row["return"]), abs=0.06), row
+        assert values.std() == pytest.approx(float(row["spread"]), abs=0.06), row
+    for task in ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"):
+        assert all(not row["curve"] for row in reproduce.published_points(task))
+        assert {int(row["steps"]) for row in reproduce.published_points(task)} == {1_000_000}
+
+
+def test_difference_interval_resamples_each_group_on_its_own():
+    """Bootstrap of mean(a) - mean(b). a = b = [0, 10]: each resampled mean is 0, 5 or 10 with probabilities 1/4, 1/2,
+    1/4, so the difference is -10 with probability 1/16 > 2.5% and +10 likewise: the interval is [-10, 10] (resampling
+    the two as pairs would give [0, 0]). Against a constant group the interval is that of the other group's mean."""
+    assert reproduce.difference_interval([0.0, 10.0], [0.0, 10.0]) == (-10.0, 10.0)
+    assert reproduce.difference_interval([0.0, 10.0], [0.0, 0.0, 0.0]) == (0.0, 10.0)
+    assert reproduce.difference_interval([5.0, 5.0, 5.0], [2.0, 2.0]) == (3.0, 3.0)
+
+
+def synthetic_rows(task: str, returns: dict) -> list:
+    """Evaluation rows of finished runs: label -> per-seed final returns at step 100000 (and 50000, half of it)."""
+    return [dict(script=label + ("" if label in reproduce.PEERS else ".py"), label=label, task=task, seed=seed,
+                 step=step, episodic_return=value * step / 100_000, normalized_score="")
+            for label, values in returns.items() for seed, value in enumerate(values, 1) for step in (50_000, 100_000)]
+
+
+def test_the_table_compares_with_the_curves_at_matched_steps_and_with_a_peer():
+    rows = synthetic_rows("HalfCheetah-v5", {"sac_continuous": [6000.0, 6000.0, 6000.0],
+                                             "sb3_sac": [5000.0, 5000.0, 5000.0]})
+    table = reproduce.markdown_table("HalfCheetah-v5", rows)
+    assert ("| sac_continuous | sb3_sac | 100000 | 3 vs 3 | 6000.0 +- 0.0 | 5000.0 +- 0.0 | "
+            "+1000.0 [+1000.0, +1000.0] |") in table
+    # Tianshou's SAC at 100k environment steps (x = 90000): 6212.8 +- 437.2 over 10 seeds; 6000 - 6212.7888 = -212.8,
+    # -212.7888 / 437.2369 = -0.49 published std. Both our labels are SAC; no TD3 curve in a SAC-only table.
+    assert ("| sac_continuous | 100000 | 6000.0 +- 0.0 | Tianshou benchmark (HalfCheetah-v3) | 100000 (x = 90000) | "
+            "10 | 6212.8 +- 437.2 | -212.8 [") in table
+    assert table.count("| 100000 (x = 90000) |") == 2 and "-0.49 |" in table
+    assert "TD3 authors" not in table and "75000" not in table
+    points = table.split("Published points")[1]
+    assert "Tianshou" not in points and "CleanRL sac_continuous_action.py" in points
+
+
+def test_the_picture_draws_the_published_curves_of_its_algorithms_behind_ours(tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays text in the SVG
+    rows = synthetic_rows("Hopper-v5", {"td3_continuous": [400.0, 300.0], "sb3_td3": [350.0, 250.0]})
+    reproduce.plot("Hopper-v5", rows, str(tmp_path / "hopper"))
+    svg = (tmp_path / "hopper.svg").read_text()
+    assert "TD3 authors' learning curves TD3 (Hopper-v1, 10 seeds), mean +- std" in svg
+    assert "Tianshou benchmark TD3 (Hopper-v3, 10 seeds), mean +- std" in svg and "SAC (Hopper" not in svg
+    assert "sb3_td3 (2 seeds)" in svg and "td3_continuous (2 seeds)" in svg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The SB3 peer (benchmarks/sb3_peer.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_sb3_peer_gives_sb3_our_default_hyperparameters():
+    import sac_continuous
+    import sb3_peer
+    import td3_continuous
+    import torch
+
+    def widths(module) -> list:
+        return [layer.out_features for layer in module.modules() if isinstance(layer, torch.nn.Linear)]
+
+    ours = sac_continuous.Args()
+    args = sb3_peer.parse_args(["--algo", "sac", "--env-id", "Pendulum-v1"])
+    model = sb3_peer.build_model(args, sb3_peer.make_env("Pendulum-v1", 1))
+    assert (model.learning_rate, model.learning_starts, model.batch_size, model.tau, model.gamma) == (
+        ours.policy_lr, ours.learning_starts, ours.batch_size, ours.tau, ours.gamma)
+    assert ours.policy_lr == ours.q_lr == ours.alpha_lr
+    assert model.ent_coef_optimizer.param_groups[0]["lr"] == ours.alpha_lr
+    assert model.buffer_size == min(ours.buffer_size, ours.total_timesteps)
+    assert model.log_ent_coef.detach().exp().item() == pytest.approx(ours.initial_alpha)
+    assert model.target_entropy == -1.0  # -dim(A) on Pendulum
+    assert (model.train_freq.frequency, model.gradient_steps, model.target_update_interval) == (1, 1, 1)
+    hidden = [ours.hidden_dim, ours.hidden_dim]
+    assert widths(model.actor.latent_pi) == hidden and widths(model.critic.qf0) == [*hidden, 1]
+
+    ours = td3_continuous.Args()
+    args = sb3_peer.parse_args(["--algo", "td3", "--env-id", "Pendulum-v1"])
+    model = sb3_peer.build_model(args, sb3_peer.make_env("Pendulum-v1", 1))
+    assert ours.policy_lr == ours.q_lr and (model.learning_rate, model.learning_starts, model.batch_size) == (
+        ours.policy_lr, ours.learning_starts, ours.batch_size)
+    assert (model.tau, model.gamma, model.policy_delay) == (ours.tau, ours.gamma, ours.policy_frequency)
+    assert (model.target_policy_noise, model.target_noise_clip) == (ours.policy_noise, ours.noise_clip)
+    assert np.all(model.action_noise._sigma == ours.exploration_noise)  # in [-1, 1] units, as ours
+    assert widths(model.actor.mu) == [*ours.hidden_dims, 1] and widths(model.critic.qf0) == [*ours.hidden_dims, 1]
+    assert sb3_peer.parse_args(["--algo", "td3", "--batch-size", "100"]).batch_size == 100  # our flags override
+
+
+def test_sb3_peer_rejects_settings_sb3_cannot_express(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sb3_peer.py"), "--algo", "sac",
+                             "--env-id", "Pendulum-v1", "--q-lr", "1e-3", "--total-timesteps", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("sb3_peer.py: error: SB3's SAC has one learning rate")
+
+
+def test_sb3_peer_evaluates_with_our_protocol():
+    """The same policy (the action 0, mid-range, for every state) evaluated by sb3_peer.evaluate and by
+    sac_continuous.evaluate gives the same returns: episode i of an evaluation resets with seed + i."""
+    import gymnasium as gym
+    import sac_continuous
+    import sb3_peer
+    import torch
+
+    class Zero:
+        def predict(self, obs, deterministic):
+            assert deterministic
+            return np.zeros(1, dtype=np.float32), None
+
+    actor = sac_continuous.Actor(3, 1, 8, -20.0, 2.0)
+    torch.nn.init.zeros_(actor.head.weight), torch.nn.init.zeros_(actor.head.bias)  # tanh(mean) = 0
+    seeds = []
+
+    class Recorded(gym.Wrapper):
+        def reset(self, **kwargs):
+            seeds.append(kwargs.get("seed"))
+            return self.env.reset(**kwargs)
+
+    peer = sb3_peer.evaluate(Zero(), Recorded(gym.make("Pendulum-v1")), 3, 10_001)
+    assert seeds == [10_001, 10_002, 10_003]
+    ours = sac_continuous.evaluate(actor, gym.make("Pendulum-v1"), 3, 10_001, torch.device("cpu"))
+    assert np.array_equal(peer, ours) and len(set(peer)) == 3  # three different start states
+
+
+def test_sb3_peers_run_through_the_harness_beside_our_script(tmp_path):
+    output = tmp_path / "results"
+    command = ["--scripts", "sac_continuous.py", "sb3_sac", "sb3_td3", "--env-ids", "Pendulum-v1", "--seeds", "1",
+               "2", "--total-timesteps", "600", "--workers", "2", "--output-dir", str(output), "--",
+               "--learning-starts", "200", "--eval-every", "300", "--eval-episodes", "2", "--log-every", "300",
+               "--batch-size", "32"]
+    result = harness(*command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "runs done 6/6 (0 failed)" in result.stdout
+    log = (output / "jobs" / "sb3_td3" / "Pendulum-v1" / "seed2" / "log.txt").read_text()
+    assert log.splitlines()[0].split()[1:6] == [os.path.join(ROOT, "benchmarks", "sb3_peer.py"), "--algo", "td3",
+                                                "--env-id", "Pendulum-v1"]
+    assert "saved model to runs/" in log and "sb3_td3.zip" in log
+    rows = list(csv.DictReader(open(output / "evaluations.csv")))
+    assert {(row["label"], row["seed"], row["step"]) for row in rows} == {
+        (label, seed, step) for label in ("sac_continuous", "sb3_sac", "sb3_td3") for seed in ("1", "2")
+        for step in ("300", "600")}
+    table = (output / "Pendulum-v1.md").read_text()
+    assert "| sb3_sac | 600 | 2 |" in table and "| sb3_td3 | 600 | 2 |" in table
+    peer = [line for line in table.splitlines() if line.startswith("| sac_continuous | sb3_sac | 600 | 2 vs 2 |")]
+    final = {label: np.mean([float(row["episodic_return"]) for row in rows if row["label"] == label
+                             and row["step"] == "600"]) for label in ("sac_continuous", "sb3_sac")}
+    assert len(peer) == 1 and f"| {final['sac_continuous'] - final['sb3_sac']:+.1f} [" in peer[0]
+    assert (output / "Pendulum-v1.png").read_bytes().startswith(b"\x89PNG")
