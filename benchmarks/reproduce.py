@@ -145,16 +145,22 @@ class Execute(submitit.helpers.Checkpointable):
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         start, found = time.time(), latest_checkpoint(Run(**run))
         command = run["command"] + (["--resume", found[0]] if found else [])
+        total = int(next(value for flag, value in zip(command, command[1:]) if flag.startswith("--total-")))
         with open(os.path.join(run["folder"], "log.txt"), "a" if found else "w") as log:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            process = subprocess.Popen(command, cwd=run["folder"], stdout=log, stderr=subprocess.STDOUT, env=env)
-            try:
-                code = process.wait()
-            finally:  # submitit's requeue signal, or any error here: the script stops with this job
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+            if found and found[1] >= total:  # stopped after its final checkpoint, before done.json: training is over
+                log.write(f"the run's final checkpoint (step {found[1]}) is there: nothing left to train\n")
+                code = 0
+            else:
+                log.write(" ".join(command) + "\n")
+                log.flush()
+                process = subprocess.Popen(command, cwd=run["folder"], stdout=log, stderr=subprocess.STDOUT,
+                                           env=env)
+                try:
+                    code = process.wait()
+                finally:  # submitit's requeue signal, or any error here: the script stops with this job
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
         result = dict(run, returncode=code, seconds=round(time.time() - start, 1), resumed_from=found and found[1])
         if code == 0:
             write_csv(os.path.join(run["folder"], "evaluations.csv"), extract_evaluations(Run(**run)))

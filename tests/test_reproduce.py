@@ -149,6 +149,24 @@ def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypat
         f"--resume {reproduce.latest_checkpoint(run)[0]}")
 
 
+def test_a_run_stopped_after_its_final_checkpoint_is_finished_not_resumed(tmp_path):
+    """Killed after the final checkpoint but before done.json: the rerun does not resume (there is nothing left to
+    train, and the script would refuse a --total-timesteps that does not exceed the checkpoint's step) but collects the
+    evaluations the run logged and marks it finished."""
+    plan = SimpleNamespace(scripts=["sac_continuous.py"], datasets=[], env_ids=["Pendulum-v1"], seeds=[1],
+                           total_timesteps=600, output_dir=str(tmp_path / "out"))
+    run = reproduce.plan_runs(plan, [*SHORT, "--hidden-dim", "32"])[0]
+    first = reproduce.Execute()(reproduce.asdict(run), 1)
+    assert first["returncode"] == 0 and first["resumed_from"] is None
+    os.remove(os.path.join(run.folder, "done.json"))
+    os.remove(os.path.join(run.folder, "evaluations.csv"))
+    again = reproduce.Execute()(reproduce.asdict(run), 1)
+    assert again["returncode"] == 0 and again["resumed_from"] == 600
+    assert "nothing left to train" in open(os.path.join(run.folder, "log.txt")).read()
+    rows = list(csv.DictReader(open(os.path.join(run.folder, "evaluations.csv"))))
+    assert [row["step"] for row in rows] == ["500", "600"] and os.path.exists(os.path.join(run.folder, "done.json"))
+
+
 def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
