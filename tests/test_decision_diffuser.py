@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import (all_finite, evaluation_returns, only_run_dir, read_scalars, run_killed_after_checkpoint,
-                      run_script, wandb_offline_tags)
+from conftest import (all_finite, assert_same_tensors, evaluation_returns, only_run_dir, read_scalars,
+                      run_killed_after_checkpoint, run_script, wandb_offline_tags)
 
 import decision_diffuser as dd
 
@@ -836,22 +836,6 @@ RESUMED = ("model", "ema_model", "optimizer", "random_state", "state_knots", "ac
 WALL_CLOCK_TAGS = {"charts/SPS", "eval/ms_per_plan"}
 
 
-def assert_identical(first, second, where="checkpoint"):
-    """Nested dicts, lists and tuples of tensors and plain values: equal tensors (torch.equal), equal values."""
-    if isinstance(first, dict):
-        assert first.keys() == second.keys(), where
-        for key in first:
-            assert_identical(first[key], second[key], f"{where}[{key!r}]")
-    elif isinstance(first, (list, tuple)):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second)):
-            assert_identical(a, b, f"{where}[{index}]")
-    elif isinstance(first, torch.Tensor):
-        assert torch.equal(first, second), where
-    else:
-        assert first == second, where
-
-
 def training_scalars(run_dir: str) -> dict:
     return {tag: values for tag, values in read_scalars(run_dir).items() if tag not in WALL_CLOCK_TAGS}
 
@@ -884,7 +868,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_as_the_uninterrupted_r
     assert progress[0].startswith(f"step {(step // 10 + 1) * 10}/60 ")  # continues after the checkpoint
     ends = [torch.load(os.path.join(only_run_dir(str(tmp_path / name)), "decision_diffuser.pt"), weights_only=True)
             for name in ("full", "killed")]
-    assert_identical(*({key: end[key] for key in RESUMED} for end in ends))
+    assert_same_tensors(*({key: end[key] for key in RESUMED} for end in ends))
     assert training_scalars(only_run_dir(str(tmp_path / "killed"))) == training_scalars(
         only_run_dir(str(tmp_path / "full")))
 
@@ -911,7 +895,7 @@ def test_resuming_from_an_earlier_checkpoint_drops_the_later_events_and_repeats_
     dd.main(dd.parse_args(["--resume", copies[20]]))
     assert training_scalars(run_dir) == before
     again = torch.load(os.path.join(run_dir, "decision_diffuser.pt"), weights_only=True)
-    assert_identical({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
+    assert_same_tensors({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
 
 
 def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flags(in_tmp, inverted_pendulum_random_npz):
@@ -939,7 +923,7 @@ def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flag
     dd.main(dd.parse_args([*cli, "--total-steps", "40", "--save-model", "--exp-name", "long"]))
     extended, long = (torch.load(glob.glob(f"runs/*{name}*/*.pt")[0], weights_only=True) for name in ("short", "long"))
     assert extended["global_step"] == 40
-    assert_identical({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
+    assert_same_tensors({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
     write_npz("data.npz", source=inverted_pendulum_random_npz, rewards=np.zeros(300, np.float32))  # other data there
     with pytest.raises(SystemExit, match="is not the data of the run"):
         dd.main(dd.parse_args(["--resume", checkpoint, "--total-steps", "60"]))

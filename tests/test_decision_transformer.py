@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import decision_transformer as dt
-from conftest import (all_finite, only_run_dir, read_scalars, run_killed_after_checkpoint, run_script,
-                      wandb_offline_tags)
+from conftest import (all_finite, assert_same_tensors, only_run_dir, read_scalars, run_killed_after_checkpoint,
+                      run_script, wandb_offline_tags)
 
 SCRIPT = "decision_transformer.py"
 TINY = ["--no-cuda", "--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16",
@@ -675,22 +675,6 @@ RESUMED = ("model", "optimizer", "scheduler", "generator", "random_state", "task
 WALL_CLOCK_TAGS = {"charts/SPS"}
 
 
-def assert_identical(first, second, where="checkpoint"):
-    """Nested dicts, lists and tuples of tensors and plain values: equal tensors (torch.equal), equal values."""
-    if isinstance(first, dict):
-        assert first.keys() == second.keys(), where
-        for key in first:
-            assert_identical(first[key], second[key], f"{where}[{key!r}]")
-    elif isinstance(first, (list, tuple)):
-        assert len(first) == len(second), where
-        for index, (a, b) in enumerate(zip(first, second)):
-            assert_identical(a, b, f"{where}[{index}]")
-    elif isinstance(first, torch.Tensor):
-        assert torch.equal(first, second), where
-    else:
-        assert first == second, where
-
-
 def training_scalars(run_dir: str) -> dict:
     return {tag: values for tag, values in read_scalars(run_dir).items() if tag not in WALL_CLOCK_TAGS}
 
@@ -722,7 +706,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_as_the_uninterrupted_r
     assert progress[0].startswith(f"step {(step // 20 + 1) * 20}/200 ")  # continues after the checkpoint (log-every 20)
     ends = [torch.load(os.path.join(only_run_dir(str(tmp_path / name)), "decision_transformer.pt"), weights_only=True)
             for name in ("full", "killed")]
-    assert_identical(*({key: end[key] for key in RESUMED} for end in ends))
+    assert_same_tensors(*({key: end[key] for key in RESUMED} for end in ends))
     assert training_scalars(only_run_dir(str(tmp_path / "killed"))) == training_scalars(
         only_run_dir(str(tmp_path / "full")))
 
@@ -751,7 +735,7 @@ def test_resuming_from_an_earlier_checkpoint_drops_the_later_events_and_repeats_
     dt.main(dt.parse_args(["--resume", copies[40]]))
     assert training_scalars(run_dir) == before
     again = torch.load(os.path.join(run_dir, "decision_transformer.pt"), weights_only=True)
-    assert_identical({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
+    assert_same_tensors({key: end[key] for key in RESUMED}, {key: again[key] for key in RESUMED})
 
 
 def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flags(in_tmp, pendulum_data):
@@ -778,7 +762,7 @@ def test_resume_refuses_what_would_not_continue_the_run_and_accepts_its_own_flag
     dt.main(dt.parse_args([*cli, "--total-steps", "40", "--save-model", "--exp-name", "long"]))
     extended, long = (torch.load(glob.glob(f"runs/*{name}*/*.pt")[0], weights_only=True) for name in ("short", "long"))
     assert extended["global_step"] == 40
-    assert_identical({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
+    assert_same_tensors({key: extended[key] for key in RESUMED}, {key: long[key] for key in RESUMED})
     write_pendulum_dataset("data.npz", episodes=30, seed=1)  # other data under the run's own path
     with pytest.raises(SystemExit, match="is not the data of the run"):
         dt.main(dt.parse_args(["--resume", checkpoint, "--total-steps", "60"]))
