@@ -566,8 +566,13 @@ def save_checkpoint(path: str, args: Args, step: int, state: dict, rb: ReplayBuf
 def replay_chunks(folder: str) -> list:
     """The chunk files `{first}-{end}.pt` in `folder` as (first, end, name), oldest first."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted((int(name.split("-")[0]), int(name[:-3].split("-")[1]), name) for name in names
-                  if re.fullmatch(r"\d+-\d+\.pt", name))
+    return sorted((*chunk_span(name), name) for name in names if re.fullmatch(r"\d+-\d+\.pt", name))
+
+
+def chunk_span(name: str) -> tuple[int, int]:
+    """The transitions [first, end) that the chunk file `{first}-{end}.pt` holds."""
+    first, end = name.removesuffix(".pt").split("-")
+    return int(first), int(end)
 
 
 def save_replay(rb: ReplayBuffer, folder: str, count: int) -> list:
@@ -588,7 +593,7 @@ def load_replay(rb: ReplayBuffer, checkpoint: dict, source: str, folder: str):
     run's own) hold exactly those chunks, so the next checkpoint adds to them."""
     os.makedirs(folder, exist_ok=True)
     for name in checkpoint["replay"]:
-        first, end = (int(number) for number in name[:-3].split("-"))
+        first, end = chunk_span(name)
         try:
             rows = torch.load(os.path.join(source, name), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as error:

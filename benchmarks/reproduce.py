@@ -395,6 +395,19 @@ def final_results(rows: list) -> dict:
     return results
 
 
+def best_of_mean_curve(rows: list) -> tuple:
+    """(step, mean, std) at the evaluation where the mean over seeds is highest, among the steps every seed reached:
+    the TD3 paper's "max average return" (its Table 1 equals this statistic of the authors' 10 per-seed curves in
+    benchmarks/published/, with the population std over seeds at that evaluation)."""
+    seeds = {row["seed"] for row in rows}
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row["episodic_return"])
+    step = max((step for step, values in by_step.items() if len(values) == len(seeds)),
+               key=lambda step: np.mean(by_step[step]))
+    return step, float(np.mean(by_step[step])), float(np.std(by_step[step]))
+
+
 def peer_lines(results: dict) -> list:
     """Our script against a peer of the same algorithm at the same final step: the difference of the means."""
     lines = []
@@ -448,15 +461,20 @@ def curve_lines(task: str, results: dict) -> list:
 
 
 def markdown_table(task: str, rows: list) -> str:
-    lines = [f"## {task}", "", "| script | step | seeds | return, mean +- std | IQM [95% CI] | normalized score |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"## {task}", "", "| script | step | seeds | return, mean +- std | IQM [95% CI] | normalized score | "
+             "best of the mean curve (its step) |", "|---|---|---|---|---|---|---|"]
     results = final_results(rows)
     for label, (step, returns, scores) in results.items():
         values = np.array(list(returns.values()))
         low, high = bootstrap_interval(values)
         score = f"{np.mean(list(scores.values())):.1f}" if scores else "-"
+        best_step, best, spread = best_of_mean_curve([row for row in rows if row["label"] == label])
         lines.append(f"| {label} | {step} | {len(values)} | {values.mean():.1f} +- {values.std():.1f} | "
-                     f"{interquartile_mean(values):.1f} [{low:.1f}, {high:.1f}] | {score} |")
+                     f"{interquartile_mean(values):.1f} [{low:.1f}, {high:.1f}] | {score} | "
+                     f"{best:.1f} +- {spread:.1f} ({best_step}) |")
+    lines += ["", "Return: the final evaluation of each seed (mean of its episodes), mean +- std over seeds. Best of "
+              "the mean curve: the highest evaluation of the mean over seeds, +- the std over seeds there, the "
+              "statistic of the TD3 paper's Table 1 (\"max average return\")."]
     lines += peer_lines(results)
     lines += curve_lines(task, results)
     published = published_points(task)
