@@ -1,6 +1,8 @@
 """The documentation: every relative link and image in README.md and docs/*.md points at a file of the repository,
-the README's test command is the one CI runs, and each script's page lists every flag of the script."""
+the README's test command is the one CI runs, each script's page lists every flag of the script, and the README's 1M
+table gives the committed runs' numbers."""
 
+import csv
 import dataclasses
 import glob
 import os
@@ -48,3 +50,23 @@ def test_each_scripts_page_lists_every_flag(module, page):
     text = open(os.path.join(ROOT, "docs", page)).read()
     flags = [f"`--{field.name.replace('_', '-')}`" for field in dataclasses.fields(module.Args)]
     assert [flag for flag in flags if flag not in text] == []
+
+
+def test_the_readmes_1m_table_gives_the_committed_runs():
+    """The "ours" cell of each row of the README's 1M table ("| Hopper, SAC | 3412 (3590) | ...") is the final
+    evaluation of seed 1 committed in benchmarks/results/mujoco_1m (and, in brackets, the best point of its curve),
+    rounded once from the stored values; a run not finished reads "running", and a committed run must be in the table."""
+    curves = {}
+    for row in csv.DictReader(open(os.path.join(ROOT, "benchmarks", "results", "mujoco_1m", "evaluations.csv"))):
+        if row["seed"] == "1":
+            key = (row["task"].split("-")[0], row["script"].split("_")[0].upper())
+            curves.setdefault(key, {})[int(row["step"])] = float(row["episodic_return"])
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = {(task, algorithm): cell.strip()
+             for task, algorithm, cell in re.findall(r"^\| (\w+), (SAC|TD3) \| ([^|]+) \|", readme, re.MULTILINE)}
+    assert len(table) == 6, f"the README's 1M table has {len(table)} rows, expected SAC and TD3 on three tasks"
+    expected = {key: "running" for key in table}
+    for key, curve in curves.items():
+        assert max(curve) == 1_000_000, f"{key}: the committed run ends at step {max(curve)}, not 1M"
+        expected[key] = f"{round(curve[1_000_000])} ({round(max(curve.values()))})"
+    assert table == expected
