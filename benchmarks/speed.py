@@ -64,7 +64,6 @@ def run_ours(script: str, warmup: int, warmup_updates: int, timed: int, compile:
         events = EventAccumulator(glob.glob(os.path.join(workdir, "runs", "*"))[0])
         events.Reload()
         wall = {event.step: event.wall_time for event in events.Scalars("charts/SPS")}
-        assert timed % warmup_updates == 0, "--timed-steps must be a multiple of --warmup-updates"
         return timed / (wall[end] - wall[begin])
 
 
@@ -86,6 +85,11 @@ def main():
     parser.add_argument("--sb3-flush-denormal", action="store_true",
                         help="also run SB3 with torch.set_flush_denormal(True), which our scripts set")
     args = parser.parse_args()
+    if min(args.repeats, args.warmup_updates, args.timed_steps) < 1 or args.warmup < 0:
+        parser.error("--repeats, --warmup-updates and --timed-steps must be at least 1, --warmup at least 0")
+    if args.timed_steps % args.warmup_updates:  # the speed is read off charts/SPS, logged every --warmup-updates steps
+        parser.error(f"--timed-steps must be a multiple of --warmup-updates (got {args.timed_steps} and "
+                     f"{args.warmup_updates})")
 
     script, sb3_name = f"{args.algo}_continuous.py", f"Stable-Baselines3 {args.algo.upper()}"
     timing = (args.warmup, args.warmup_updates, args.timed_steps)

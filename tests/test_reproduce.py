@@ -1,6 +1,7 @@
 """Tests of benchmarks/reproduce.py: the harness end to end through its command line (submitit's local executor, the
 same code path as Slurm), reruns, failures, and the statistics against hand computations; the published curves of
-benchmarks/published/ at matched environment steps; the Stable-Baselines3 peer (benchmarks/sb3_peer.py)."""
+benchmarks/published/ at matched environment steps; the Stable-Baselines3 peer (benchmarks/sb3_peer.py); the speed
+benchmark's argument checks (benchmarks/speed.py)."""
 
 import csv
 import glob
@@ -436,6 +437,20 @@ def test_sb3_peer_rejects_settings_sb3_cannot_express(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("sb3_peer.py: error: SB3's SAC has one learning rate")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timed-steps", "2000", "--warmup-updates", "300"], "--timed-steps must be a multiple of --warmup-updates"),
+    (["--warmup-updates", "0"], "--repeats, --warmup-updates and --timed-steps must be at least 1"),
+])
+def test_speed_benchmark_rejects_timings_it_cannot_measure_before_running_anything(tmp_path, flags, message):
+    """speed.py reads the timed interval off charts/SPS, logged every --warmup-updates steps; a timing that does not
+    fit must stop at once with one line, not after minutes of runs with a traceback."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--no-sb3", "--no-compile",
+                             "--repeats", "1", *flags], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"speed.py: error: {message}")
+    assert "Traceback" not in result.stderr
 
 
 def test_sb3_peer_evaluates_with_our_protocol():
