@@ -124,7 +124,8 @@ class Args:
     checkpoint_every: int | None = None
     """with --save-model, environment steps between checkpoints (default: --eval-every)"""
     eval_checkpoint: str | None = None
-    """evaluation-only mode: load this checkpoint and print mean +- std over --eval-episodes"""
+    """evaluation-only mode: load this checkpoint or released agent (benchmarks/agents/) and print mean +- std
+    over --eval-episodes; with --export-rollouts*, then roll its policy out"""
     eval_seed: int | None = None
     """seed of --eval-checkpoint's episodes; default: the checkpoint's own seed, so the same start states as the
     run's own evaluations"""
@@ -137,9 +138,9 @@ class Args:
     """write every transition collected in training as a new Minari dataset with this id, e.g.
     local/hopper-sac-replay-v0 (into $MINARI_DATASETS_PATH, default ~/.minari/datasets; docs/datasets.md)"""
     export_rollouts: str | None = None
-    """after training, write rollouts of the final policy to this .npz ("medium"/"expert" style)"""
+    """after training (or --eval-checkpoint), write rollouts of the policy to this .npz ("medium"/"expert" style)"""
     export_rollouts_minari: str | None = None
-    """after training, write rollouts of the final policy as a new Minari dataset with this id"""
+    """the same rollouts as a new Minari dataset with this id"""
     export_rollout_steps: int = 100_000
     """environment steps of final-policy rollouts for --export-rollouts (D4RL used 1e6)"""
     export_rollout_deterministic: bool = False
@@ -604,6 +605,8 @@ def evaluate_checkpoint(actor: Actor, eval_env: gym.Env, args: Args, step: int, 
     print(f"evaluation of {args.eval_checkpoint} (step {step}, seed {args.seed}) on {args.env_id}: "
           f"{describe_returns(returns, reference_scores(args.env_id))}")
     eval_env.close()
+    if args.export_rollouts or args.export_rollouts_minari:  # D4RL-style data from a saved or released policy
+        export_rollouts(actor, args, device, step, os.path.dirname(os.path.abspath(args.eval_checkpoint)))
     return returns
 
 
@@ -760,11 +763,14 @@ def resume_loop(checkpoint: dict, args: Args, rb: ReplayBuffer, env: gym.Env) ->
 
 
 def restore(state: dict, checkpoint: dict, args: Args, log_alpha: torch.Tensor) -> int:
-    """Load networks, targets, optimiser states and a learned log alpha in place and return the step."""
+    """Load networks, targets, optimiser states and a learned log alpha in place and return the step; evaluation-only
+    mode needs the policy alone, so a released agent (benchmarks/agents/: the actor of a checkpoint) loads too."""
+    if args.resume and "qf" not in checkpoint:
+        fail(f"'{args.resume}' holds a policy only (a released agent): evaluate it with --eval-checkpoint")
     try:
-        for name, module in state.items():
-            module.load_state_dict(checkpoint[name])
-        if args.autotune:
+        for name in state if args.resume else ["actor"]:
+            state[name].load_state_dict(checkpoint[name])
+        if args.autotune and args.resume:
             with torch.no_grad():
                 log_alpha.copy_(checkpoint["log_alpha"])
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
@@ -817,7 +823,7 @@ class TransitionLog:
 
 @torch.inference_mode()
 def export_rollouts(actor: Actor, args: Args, device: torch.device, step: int, fallback_folder: str):
-    """Roll out the final policy for --export-rollout-steps steps on a freshly seeded env and save them."""
+    """Roll out the final (or loaded) policy for --export-rollout-steps steps on a freshly seeded env and save them."""
     env = make_env(args.env_id, args.seed + 20_000)
     low, high = env.action_space.low, env.action_space.high
     log = TransitionLog(args.export_rollout_steps, env.observation_space.shape[0], env.action_space.shape[0])
