@@ -57,6 +57,21 @@ def task_name(env_id: str) -> str:
     return env_id.split("-v")[0].lower()
 
 
+# D4RL's v2 sets, for comparison: (episodes, mean, best, worst return). Episodes: the TensorFlow Datasets catalog
+# (d4rl_mujoco_*, which also counts a set's cut last episode); returns: the Decision Transformer's dataset statistics
+# (complete episodes) as printed by its gym/experiment.py on the v2 files. medium-expert's are not published.
+D4RL_V2 = {("hopper", "medium"): (2187, 1422.06, 3222.36, 315.87),
+           ("hopper", "medium-replay"): (2041, 467.30, 3192.93, -1.44),
+           ("hopper", "expert"): (1028, 3511.36, 3759.08, 1645.28),
+           ("hopper", "medium-expert"): (3214, None, None, None),
+           ("halfcheetah", "medium"): (1000, 4770.33, 5309.38, -310.23),
+           ("halfcheetah", "medium-replay"): (202, 3093.29, 4985.14, -638.49),
+           ("halfcheetah", "expert"): (1000, 10656.43, 11252.04, 2045.83),
+           ("halfcheetah", "medium-expert"): (2000, None, None, None),
+           ("walker2d", "medium"): (1191, 2852.09, 4226.94, -6.61),
+           ("walker2d", "medium-replay"): (1093, 682.70, 4132.00, -50.20),
+           ("walker2d", "expert"): (1001, 4920.51, 5011.69, 763.42),
+           ("walker2d", "medium-expert"): (2191, None, None, None)}
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 
 
@@ -293,15 +308,20 @@ def cpu_name() -> str:
 
 
 def summary_table(rows: list) -> str:
-    lines = ["| task | set | transitions | episodes | mean return (normalized) | best | worst | "
-             "minutes | sha256 of the .npz |", "|---|---|---|---|---|---|---|---|---|"]
-    def cell(r, name):
-        score = r[f"{name}_normalized"]
-        return f"{r[f'{name}_return']:.1f}" + ("" if score is None else f" ({score:.1f})")
+    lines = ["| task | set | transitions | episodes | mean return (normalized) | best | worst | D4RL v2: episodes, "
+             "mean return (normalized) | minutes | sha256 of the .npz |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(value, env_id):
+        score = None if value is None else released.normalized(value, env_id)
+        return "-" if value is None else f"{value:.1f}" + ("" if score is None else f" ({score:.1f})")
 
     for r in rows:
-        lines.append(f"| {r['task']} | {r['set']} | {r['transitions']} | {r['episodes']} | {cell(r, 'mean')} | "
-                     f"{cell(r, 'best')} | {cell(r, 'worst')} | {r['seconds'] / 60:.1f} | `{r['sha256'][:16]}` |")
+        env_id = TASKS.get(r["task"], r["task"])
+        d4rl = D4RL_V2.get((r["task"], r["set"]))
+        theirs = "-" if d4rl is None else f"{d4rl[0]}, {cell(d4rl[1], env_id)}"
+        lines.append(f"| {r['task']} | {r['set']} | {r['transitions']} | {r['episodes']} | "
+                     f"{cell(r['mean_return'], env_id)} | {cell(r['best_return'], env_id)} | "
+                     f"{cell(r['worst_return'], env_id)} | {theirs} | {r['seconds'] / 60:.1f} | `{r['sha256'][:16]}` |")
     return "\n".join(lines) + "\n"
 
 
