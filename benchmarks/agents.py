@@ -32,7 +32,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENTS = os.path.join(ROOT, "benchmarks", "agents")
 SCRIPTS = ("sac_continuous", "td3_continuous")
-REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
+REFS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3),
+        "ant": (-325.6, 3879.7)}  # D4RL's v2 (random, expert) returns, as in the scripts and docs/datasets.md
 CARD_EPISODES = 100
 
 
@@ -129,6 +130,8 @@ def evaluate_agent(path: str, episodes: int = CARD_EPISODES) -> dict:
         if result.returncode != 0:
             fail(f"evaluating {path} failed: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
         match = re.search(r": (-?[\d.]+) \+- ([\d.]+) over (\d+) episodes", result.stdout)
+        if match is None:
+            fail(f"evaluating {path} printed no evaluation line; its output: {result.stdout.strip()[-200:]}")
         with np.load(out) as data:
             sampled = episode_returns(dict(data))[:episodes]
     env_id = agent["args"]["env_id"]
@@ -155,7 +158,8 @@ python sac_continuous.py --eval-checkpoint benchmarks/agents/hopper-sac-medium.p
 ```
 
 The medium (`-sac-medium`) and expert (`-td3-1m`) agents make the offline suite (`benchmarks/offline_suite.py`,
-docs/datasets.md). This table is written by `python benchmarks/agents.py card` ({machine}): the deterministic policy
+docs/datasets.md). This table is written by `python benchmarks/agents.py card` ({machine}; an agent whose file is unchanged keeps
+its row): the deterministic policy
 over {episodes} episodes (the scripts' evaluation protocol), and the first {episodes} complete episodes of the policy as
 sampled for data collection (SAC: its Gaussian; TD3: its N(0, 0.1) exploration noise), mean +- std of the return,
 normalized with D4RL's v2 references. CPU floating point differs between machines, so another CPU may give other
@@ -174,9 +178,13 @@ def card(folder: str = AGENTS, machine: str = "", episodes: int = CARD_EPISODES)
         score = c[f"{kind}_normalized"]
         return f"{c[f'{kind}_mean']:.1f} +- {c[f'{kind}_std']:.1f}" + ("" if score is None else f" ({score:.1f})")
 
+    cards_path = os.path.join(folder, "cards.json")
+    known = {(c["name"], c["sha256"], c["sampled_episodes"]): c
+             for c in (json.load(open(cards_path)) if os.path.exists(cards_path) else [])}
     cards = []
-    for path in paths:
-        cards.append(evaluate_agent(path, episodes))
+    for path in paths:  # an agent whose file and episode count are unchanged keeps its card
+        name, digest = os.path.basename(path).removesuffix(".pt"), sha256(path)
+        cards.append(known.get((name, digest, episodes)) or evaluate_agent(path, episodes))
         print(f"{cards[-1]['name']}: deterministic {returns(cards[-1], 'deterministic')}, "
               f"sampled {returns(cards[-1], 'sampled')}", flush=True)
     lines = [CARD_HEADER.format(machine=machine or "machine not given", episodes=episodes)]
@@ -187,8 +195,7 @@ def card(folder: str = AGENTS, machine: str = "", episodes: int = CARD_EPISODES)
     lines.append("\nThe commands that trained them:\n\n")
     lines += [f"- `{c['name']}`: `{c['command']}`\n" for c in cards]
     text = "".join(lines)
-    for path, content in [(os.path.join(folder, "README.md"), text),
-                          (os.path.join(folder, "cards.json"), json.dumps(cards, indent=1) + "\n")]:
+    for path, content in [(os.path.join(folder, "README.md"), text), (cards_path, json.dumps(cards, indent=1) + "\n")]:
         with open(path + ".tmp", "w") as file:
             file.write(content)
             file.flush()

@@ -17,14 +17,16 @@ Per task (docs/datasets.md, "The v5 offline suite", says where and why we depart
     `--eval-checkpoint AGENT --export-rollouts`, 1000-step episodes (the v5 envs' time limit).
   * expert: the same from the expert agent (`TASK-td3-1m`: TD3's actions with its N(0, 0.1) exploration noise; D4RL
     sampled an SAC policy).
-  * medium-expert: medium, then expert, row for row; medium's last episode, cut by the end of collection, is marked as
-    truncated at its last row so that it does not run into expert's first (D4RL concatenated the arrays as they were).
+  * medium-expert: medium up to its last complete episode, then expert, row for row, as D4RL's stitch_dataset.py
+    (medium's last episode, cut by the end of collection, would otherwise run into expert's first).
 Each set is written as an .npz in the docs/datasets.md layout (OUTPUT/TASK-SET-vV.npz) and as a local Minari dataset
 `NAMESPACE/TASK/SET-vV` with D4RL's v2 reference scores in its metadata (so `minari.get_normalized_score` works), in
 $MINARI_DATASETS_PATH (default ~/.minari/datasets). A progress line per set; at the end a summary table (transitions,
-episodes, mean / best / worst return of the complete episodes, normalized) in OUTPUT/summary.md and summary.json,
-with each file's SHA-256. Stages whose file is already there (checked against OUTPUT/manifest.json) are skipped, so a
-rerun after a kill picks up where it stopped; `--force` redoes everything.
+episodes, mean / best / worst return of the complete episodes, D4RL's normalized score x 100, D4RL's v2 figures beside
+them) of every set made in OUTPUT so far, in OUTPUT/summary.md and summary.json, with each file's SHA-256. A set whose
+file is there, unchanged and made from the same inputs (agent files, --steps; for medium-expert, the two sets), as
+OUTPUT/manifest.json records, is skipped, and so is its Minari dataset if it is in place; so a rerun after a kill
+picks up where it stopped; `--force` makes every set again.
 """
 
 import argparse
@@ -143,13 +145,20 @@ def find_checkpoint(folder: str, script: str):
     paths = glob.glob(os.path.join(folder, "runs", "*", f"{script}.pt"))
     if len(paths) > 1:
         fail(f"{folder} holds {len(paths)} runs; keep one")
-    return (paths[0], torch.load(paths[0], map_location="cpu", weights_only=True)) if paths else (None, None)
+    if not paths:
+        return None, None
+    try:
+        return paths[0], torch.load(paths[0], map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"cannot read {paths[0]} ({type(error).__name__}); remove {folder} to rerun the medium run")
 
 
 def medium_run(task: str, agent_path: str, agent: dict, work: str, log: str) -> tuple[str, dict]:
     """The checkpoint at step N of the SAC run that made the medium agent: found, resumed or rerun."""
     script, steps = agent["script"], agent["global_step"]
     path, checkpoint = find_checkpoint(work, script)
+    if checkpoint is not None:
+        same_run(path, checkpoint, agent_path, agent, work)
     if checkpoint is not None and checkpoint["global_step"] > steps:
         fail(f"{path} is at step {checkpoint['global_step']}, past the medium agent's {steps}; remove {work}")
     if checkpoint is None:
@@ -161,11 +170,15 @@ def medium_run(task: str, agent_path: str, agent: dict, work: str, log: str) -> 
     path, checkpoint = find_checkpoint(work, script)
     if checkpoint is None or checkpoint["global_step"] != steps:
         fail(f"the medium run in {work} did not reach step {steps}; see {log}")
+    same_run(path, checkpoint, agent_path, agent, work)
+    return path, checkpoint
+
+
+def same_run(path: str, checkpoint: dict, agent_path: str, agent: dict, work: str):
     differ = [key for key, value in agent["args"].items()
               if key not in RUN_CONTROL and checkpoint["args"].get(key) != value]
-    if differ:
-        fail(f"{path} is not the run of {agent_path}: its {', '.join(differ)} differ; remove {work}")
-    return path, checkpoint
+    if checkpoint.get("script") != agent["script"] or differ:
+        fail(f"{path} is not the run of {agent_path}: its {', '.join(differ) or 'script'} differ; remove {work}")
 
 
 def replay_rows(path: str, checkpoint: dict) -> torch.Tensor:
@@ -176,8 +189,12 @@ def replay_rows(path: str, checkpoint: dict) -> torch.Tensor:
         if first != expected:
             fail(f"{path}'s replay buffer does not start at step 0 or has a gap at {expected} (a run longer than its "
                  "buffer overwrote its first transitions)")
-        rows.append(torch.load(os.path.join(os.path.dirname(path), "replay", name), map_location="cpu",
-                               weights_only=True))
+        try:
+            rows.append(torch.load(os.path.join(os.path.dirname(path), "replay", name), map_location="cpu",
+                                   weights_only=True))
+        except (OSError, RuntimeError) as error:
+            fail(f"cannot read {path}'s replay chunk {name} ({type(error).__name__}); a checkpoint needs its replay/ "
+                 "folder beside it")
         expected = end
     rows = torch.cat(rows)
     if len(rows) < steps:
@@ -216,10 +233,11 @@ def replay_dataset(rows: torch.Tensor, env_id: str, source: str) -> dict:
 
 
 def concatenate(first: dict, second: dict, source: str) -> dict:
-    """`first` then `second`, row for row; an unfinished last episode of `first` is marked truncated at its end."""
-    data = {key: np.concatenate([first[key], second[key]]) for key in KEYS}
-    last = len(first["rewards"]) - 1
-    data["timeouts"][last] |= not (first["terminals"][last] or first["timeouts"][last])
+    """`first` up to its last complete episode, then all of `second`, row for row (D4RL's stitch_dataset.py): the
+    episode that the end of collection cut in `first` is dropped, so that it cannot run into `second`'s first."""
+    ends = np.flatnonzero(first["terminals"] | first["timeouts"])
+    keep = ends[-1] + 1 if len(ends) else 0
+    data = {key: np.concatenate([first[key][:keep], second[key]]) for key in KEYS}
     return dict(data, env_id=first["env_id"], source=np.array(source),
                 **{key: first[key] for key in ("ref_min_score", "ref_max_score") if key in first})
 
@@ -230,9 +248,10 @@ def statistics(data: dict) -> dict:
     env_id = str(data["env_id"])
     stats = dict(transitions=len(data["rewards"]), episodes=len(returns),
                  terminations=int(data["terminals"].sum()), timeouts=int(data["timeouts"].sum()))
-    for name, value in [("mean", returns.mean()), ("best", returns.max()), ("worst", returns.min())]:
-        stats[f"{name}_return"] = float(value)
-        stats[f"{name}_normalized"] = released.normalized(float(value), env_id)
+    for name, reduce in [("mean", np.mean), ("best", np.max), ("worst", np.min)]:
+        value = float(reduce(returns)) if len(returns) else None
+        stats[f"{name}_return"] = value
+        stats[f"{name}_normalized"] = None if value is None else released.normalized(value, env_id)
     return stats
 
 
@@ -294,6 +313,34 @@ def write_minari(dataset_id: str, data: dict, author: str, algorithm: str):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def atomic_text(path: str, text: str):
+    with open(path + ".tmp", "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_manifest(path: str) -> dict:
+    """OUTPUT/manifest.json: per set, its file's SHA-256, what it was made from (inputs), its statistics."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError) as error:
+        fail(f"cannot read {path} ({type(error).__name__}); remove it (or pass --force) to make every set again")
+
+
+def write_manifest(path: str, manifest: dict):
+    atomic_text(path, json.dumps(manifest, indent=1))
+
+
+def minari_exists(dataset_id: str) -> bool:
+    from minari.storage import get_dataset_path
+
+    return os.path.isdir(os.path.join(get_dataset_path(dataset_id), "data"))
+
+
 def sha256(path: str) -> str:
     return released.sha256(path)
 
@@ -339,7 +386,8 @@ def main(argv=None):
     parser.add_argument("--namespace", default="rlref", help="the Minari namespace: NAMESPACE/TASK/SET-vV")
     parser.add_argument("--version", type=int, default=0, help="the V of the ids and file names")
     parser.add_argument("--no-minari", action="store_true", help="write the .npz files only")
-    parser.add_argument("--force", action="store_true", help="redo every stage, even those already done")
+    parser.add_argument("--force", action="store_true",
+                        help="make every set again (the medium run's checkpoint in OUTPUT/work is kept)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -356,23 +404,29 @@ def main(argv=None):
     out = os.path.abspath(os.path.expanduser(args.output_dir))
     os.makedirs(out, exist_ok=True)
     manifest_path = os.path.join(out, "manifest.json")
-    manifest = {} if args.force or not os.path.exists(manifest_path) else json.load(open(manifest_path))
+    manifest = {} if args.force else read_manifest(manifest_path)
     author = f"offline_suite.py on {cpu_name()}"
-    results = []
     for task in args.tasks:
         env_id = TASKS.get(task, task)
         task = task_name(env_id)
-        agents = {"medium": load_agent(args.agents, f"{task}-{args.medium_agent}"),
-                  "expert": load_agent(args.agents, f"{task}-{args.expert_agent}") if "expert" in args.sets else None}
-        for kind, pair in agents.items():
-            if pair is not None and pair[1]["args"]["env_id"] != env_id:
-                fail(f"{pair[0]} is an agent for {pair[1]['args']['env_id']}, not {env_id}")
+        needs = {"medium": {"medium-replay", "medium"}, "expert": {"expert"}}
+        agents = {kind: load_agent(args.agents, f"{task}-{getattr(args, kind + '_agent')}")
+                  for kind in needs if needs[kind] & set(args.sets)}
+        for agent_path, agent in agents.values():
+            if agent["args"]["env_id"] != env_id:
+                fail(f"{agent_path} is an agent for {agent['args']['env_id']}, not {env_id}")
         for name in [s for s in SETS if s in args.sets]:
             key, start = f"{task}-{name}-v{args.version}", time.time()
             path = os.path.join(out, f"{key}.npz")
+            if name == "medium-expert":  # made from this task's two sets as they are now
+                inputs = {part: manifest[f"{task}-{part}-v{args.version}"]["sha256"] for part in ("medium", "expert")}
+            else:
+                agent_path = agents["medium" if name == "medium-replay" else name][0]
+                inputs = dict(agent=os.path.basename(agent_path), agent_sha256=sha256(agent_path),
+                              steps=None if name == "medium-replay" else args.steps)
             done = manifest.get(key)
-            if done and os.path.exists(path) and sha256(path) == done["sha256"]:
-                data, seconds, note = read_npz(path), done["seconds"], "already there"
+            if done and done.get("inputs") == inputs and os.path.exists(path) and sha256(path) == done["sha256"]:
+                data, note = read_npz(path), "already there"
             else:
                 work, log = os.path.join(out, "work", f"{task}-{name}"), os.path.join(out, "work", f"{key}.log")
                 if name == "medium-replay":
@@ -381,8 +435,8 @@ def main(argv=None):
                     checkpoint_path, checkpoint = medium_run(task, agent_path, agent, work, log)
                     same = all(torch.equal(checkpoint["actor"][k], v) for k, v in agent["actor"].items())
                     note = ("the medium run's policy is the released medium agent, bit for bit" if same else
-                            "warning: the medium run's policy differs from the released medium agent (another CPU kind?); "
-                            "medium uses the released agent")
+                            "warning: the medium run's policy differs from the released medium agent (another CPU "
+                            "kind?); medium uses the released agent")
                     data = replay_dataset(replay_rows(checkpoint_path, checkpoint), env_id,
                                           f"{agent['script']}.py training transitions, steps 0-{agent['global_step']},"
                                           f" seed {agent['args']['seed']} (the run of agent "
@@ -399,38 +453,34 @@ def main(argv=None):
                     expert = read_npz(os.path.join(out, f"{task}-expert-v{args.version}.npz"))
                     data = concatenate(medium, expert, f"medium then expert: [{medium['source']}] then "
                                                        f"[{expert['source']}]")
-                    note = "medium then expert"
+                    note = "medium (its complete episodes) then expert"
                 write_npz(path, data)
-                seconds = time.time() - start
-                manifest[key] = dict(sha256=sha256(path), seconds=seconds, minari=None)
+                manifest[key] = dict(task=task, set=name, file=os.path.basename(path), sha256=sha256(path),
+                                     seconds=time.time() - start, inputs=inputs, note=note, minari_id=None,
+                                     **statistics(data))
+                write_manifest(manifest_path, manifest)  # before Minari: a failure there keeps the finished .npz
             dataset_id = f"{args.namespace}/{task}/{name}-v{args.version}"
-            if not args.no_minari and manifest[key].get("minari") != dataset_id + "@" + manifest[key]["sha256"]:
+            written = dataset_id + "@" + manifest[key]["sha256"]
+            if not args.no_minari and (manifest[key].get("minari") != written or not minari_exists(dataset_id)):
                 began = time.time()
-                names = {"medium": [agents["medium"]], "medium-replay": [agents["medium"]],
-                         "expert": [agents["expert"]], "medium-expert": [agents["medium"], agents["expert"]]}[name]
+                made_by = [agents[kind][1] for kind in ("medium", "expert") if kind in name]
                 write_minari(dataset_id, data, author, " then ".join(
-                    f"{agent['script'].split('_')[0].upper()} ({agent['script']}.py)" for _, agent in names))
-                manifest[key]["minari"] = dataset_id + "@" + manifest[key]["sha256"]
-                manifest[key]["minari_seconds"] = time.time() - began
-            with open(manifest_path + ".tmp", "w") as file:
-                json.dump(manifest, file, indent=1)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(manifest_path + ".tmp", manifest_path)
-            stats = dict(task=task, set=name, file=os.path.basename(path), sha256=manifest[key]["sha256"],
-                         minari_id=None if args.no_minari else dataset_id, seconds=seconds, **statistics(data))
-            results.append(stats)
+                    f"{agent['script'].split('_')[0].upper()} ({agent['script']}.py)" for agent in made_by))
+                manifest[key].update(minari=written, minari_id=dataset_id, minari_seconds=time.time() - began)
+                write_manifest(manifest_path, manifest)
+            stats = manifest[key]
             score = "" if stats["mean_normalized"] is None else f" ({stats['mean_normalized']:.1f} normalized)"
-            print(f"{task}/{name}: {stats['transitions']} transitions, {stats['episodes']} episodes, return "
-                  f"{stats['mean_return']:.1f}{score}, best "
-                  f"{stats['best_return']:.1f}, worst {stats['worst_return']:.1f}; {seconds / 60:.1f} min; {note}",
-                  flush=True)
-    table = summary_table(results)
-    with open(os.path.join(out, "summary.md"), "w") as file:
-        file.write(table)
-    with open(os.path.join(out, "summary.json"), "w") as file:
-        json.dump(dict(machine=cpu_name(), torch=torch.__version__,
-                       sets=results), file, indent=1)
+            returns = ("no complete episode" if stats["mean_return"] is None else
+                       f"return {stats['mean_return']:.1f}{score}, best {stats['best_return']:.1f}, worst "
+                       f"{stats['worst_return']:.1f}")
+            print(f"{task}/{name}: {stats['transitions']} transitions, {stats['episodes']} episodes, {returns}; "
+                  f"{stats['seconds'] / 60:.1f} min; {note}", flush=True)
+    order = {**{t: i for i, t in enumerate(TASKS)}, **{s: i for i, s in enumerate(SETS)}}
+    results = sorted(manifest.values(), key=lambda r: (order.get(r["task"], 99), r["task"], order[r["set"]]))
+    table = summary_table(results)  # every set made in OUTPUT so far, by this invocation or earlier ones
+    atomic_text(os.path.join(out, "summary.md"), table)
+    atomic_text(os.path.join(out, "summary.json"), json.dumps(dict(machine=cpu_name(), torch=torch.__version__,
+                                                                    sets=results), indent=1))
     print("\n" + table)
     return results
 

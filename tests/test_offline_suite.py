@@ -4,6 +4,7 @@ by the real scripts, read back through Minari's own API and both offline scripts
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -88,17 +89,16 @@ def test_medium_replay_is_the_medium_runs_transitions_in_order(tiny_suite):
 
 
 def test_medium_expert_is_medium_then_expert(tiny_suite):
-    """Row for row medium then expert; the one change is medium's cut last episode, marked truncated at its end."""
+    """Row for row medium up to its last complete episode, then all of expert (D4RL's stitch_dataset.py): the episode
+    that the end of collection cut in medium is dropped."""
     for task in TASKS:
         medium, expert, both = (load(tiny_suite, task, name) for name in ("medium", "expert", "medium-expert"))
         assert len(medium["rewards"]) == len(expert["rewards"]) == STEPS
-        cut = not (medium["terminals"][-1] or medium["timeouts"][-1])
+        keep = np.flatnonzero(medium["terminals"] | medium["timeouts"])[-1] + 1
         for key in KEYS:
-            expected = np.concatenate([medium[key], expert[key]])
-            if key == "timeouts":
-                expected[STEPS - 1] |= cut
-            np.testing.assert_array_equal(both[key], expected, err_msg=f"{task} {key}")
-        assert cut or task == "hopper"  # Pendulum: 1500 = 7 x 200 + 100 steps
+            np.testing.assert_array_equal(both[key], np.concatenate([medium[key][:keep], expert[key]]),
+                                          err_msg=f"{task} {key}")
+        assert keep < STEPS or task == "hopper"  # Pendulum: 1500 = 7 x 200 + 100 steps, the last 100 dropped
 
 
 def test_episode_ends_are_kept_and_minari_holds_the_same_episodes(tiny_suite, monkeypatch):
@@ -111,15 +111,14 @@ def test_episode_ends_are_kept_and_minari_holds_the_same_episodes(tiny_suite, mo
     for name in ("medium-replay", "medium", "expert", "medium-expert"):
         data = load(tiny_suite, "pendulum", name)
         lengths = np.diff(np.r_[-1, np.flatnonzero(data["timeouts"])])
-        expected = [200] * 7 + [100] + [200] * 7 if name == "medium-expert" else [200] * len(lengths)
-        assert not data["terminals"].any() and lengths.tolist() == expected, name  # medium's cut episode: 100
+        expected = {"medium-replay": 3, "medium": 7, "expert": 7, "medium-expert": 14}[name]
+        assert not data["terminals"].any() and lengths.tolist() == [200] * expected, name
         dataset = minari.load_dataset(f"test/pendulum/{name}-v0")
         episodes = list(dataset.iterate_episodes())
         assert sum(len(e.rewards) for e in episodes) == len(data["rewards"])
         assert all(e.truncations[-1] and not e.terminations.any() for e in episodes), name
         hopper = load(tiny_suite, "hopper", name)
-        cut = [STEPS - 1] if name == "medium-expert" and not load(tiny_suite, "hopper", "medium")["terminals"][-1] else []
-        assert hopper["terminals"].sum() >= 10 and np.flatnonzero(hopper["timeouts"]).tolist() == cut, name
+        assert hopper["terminals"].sum() >= 10 and not hopper["timeouts"].any(), name
         algorithm = {"expert": "TD3", "medium-expert": "SAC (sac_continuous.py) then TD3"}.get(name, "SAC")
         assert_minari_equals_npz(f"test/hopper/{name}-v0", str(tiny_suite.out / f"hopper-{name}-v0.npz"), algorithm)
     assert load(tiny_suite, "pendulum", "medium-replay")["timeouts"][-1]  # the run stopped on a time limit (600)
@@ -185,11 +184,14 @@ def test_both_offline_scripts_read_every_set_by_id_and_by_path(tiny_suite, monke
 
 
 def test_a_rerun_skips_what_is_done_and_redoes_a_changed_file_to_the_same_bytes(tiny_suite):
-    """The command again: every set 'already there', the same summary; a set whose file changed is made again, to
-    the same bytes (seeded, same CPU)."""
+    """The command again: every set 'already there', the same summary, and a deleted Minari dataset written again; a
+    set whose file changed is made again, to the same bytes (seeded, same CPU), and so is one whose inputs changed."""
     summary = open(tiny_suite.out / "summary.md").read()
+    minari_folder = os.path.join(tiny_suite.env["MINARI_DATASETS_PATH"], "test", "pendulum", "expert-v0")
+    shutil.rmtree(minari_folder)
     result = run_tool(SUITE, *tiny_suite.command, cwd=str(tiny_suite.folder), env=tiny_suite.env)
     assert result.stdout.count("already there") == 8 and open(tiny_suite.out / "summary.md").read() == summary
+    assert os.path.isdir(minari_folder)  # the missing Minari dataset is written again from its .npz
     path = tiny_suite.out / "hopper-medium-v0.npz"
     data = load(tiny_suite, "hopper", "medium")
     np.savez(path, **dict(data, rewards=data["rewards"] + 1))
@@ -197,6 +199,11 @@ def test_a_rerun_skips_what_is_done_and_redoes_a_changed_file_to_the_same_bytes(
                       env=tiny_suite.env)
     assert "hopper/medium: " in result.stdout and "already there" not in result.stdout.split("hopper/medium: ")[1]
     np.testing.assert_array_equal(load(tiny_suite, "hopper", "medium")["rewards"], data["rewards"])
+    for steps in (STEPS - 100, STEPS):  # another --steps is another input: the set is made again, each time
+        command = [*tiny_suite.command, "--tasks", "hopper", "--sets", "medium", "--steps", str(steps)]
+        result = run_tool(SUITE, *command, cwd=str(tiny_suite.folder), env=tiny_suite.env)
+        assert "already there" not in result.stdout.split("hopper/medium: ")[1]
+        assert len(load(tiny_suite, "hopper", "medium")["rewards"]) == steps
 
 
 @pytest.mark.parametrize("script", ["sac_continuous", "td3_continuous"])
