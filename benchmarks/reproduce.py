@@ -28,6 +28,19 @@ and pictures of an invocation hold the runs it names (finished ones included), s
     python benchmarks/reproduce.py --scripts sac_continuous.py td3_continuous.py sb3_sac sb3_td3 \
         --env-ids HalfCheetah-v5 --seeds 1 2 3 --total-timesteps 100000 --workers 2 --output-dir OUT
 
+The Decision Transformer's peer is d3rlpy's (`d3rlpy_dt`, run by `benchmarks/d3rlpy_peer.py` with our script's
+settings and evaluation protocol). d3rlpy pins its own Gymnasium, so it runs in an environment of its own
+(benchmarks/requirements-d3rlpy.txt) whose Python D3RLPY_PYTHON names:
+
+    D3RLPY_PYTHON=~/venvs/d3rlpy/bin/python python benchmarks/reproduce.py --scripts decision_transformer.py \
+        d3rlpy_dt --datasets hopper-medium-v0.npz --seeds 1 --total-timesteps 100000 --final-eval-episodes 100 \
+        --workers 2 --output-dir OUT -- --eval-episodes 10
+
+`--final-eval-episodes N`: each offline run that finishes is then evaluated once more, its last model over N
+episodes per target, through the program's evaluation-only mode (`--eval-checkpoint`), with the run's own seeds (its
+first episodes are those of the run's evaluations); the result goes to the run's `final_evaluation.csv` and to the
+tables. A run counts as finished (done.json) only once that evaluation is written.
+
 Outputs in OUTPUT: `evaluations.csv` (one row per run and evaluation), `TASK.md` (a table per task: final
 evaluation return over seeds, mean +- std, interquartile mean with a 95% percentile-bootstrap interval, normalized
 score; where a peer and our script of the same algorithm both ran, the difference of their means with a 95%
@@ -35,7 +48,8 @@ bootstrap interval; the published curves of `benchmarks/published/` at matched e
 points of `benchmarks/published.csv` for that task with their protocol and step count) and `TASK.png` and
 `TASK.svg` (mean over seeds per script against environment steps, with a 95% bootstrap band; behind them the
 published curves of the same algorithms as bands, mean +- std over their seeds, up to the runs' last step; published
-points up to 1.2x the runs' steps as marked points). `--aggregate-only` rebuilds these from the runs already there.
+points up to 1.2x the runs' steps as marked points; for a dataset file, the data's mean episode return as a dashed
+line, also given under the table). `--aggregate-only` rebuilds these from the runs already there.
 
 Published curves (`benchmarks/published/*.csv`, described in its README.md) hold each source's per-seed evaluations
 with its x-axis converted to environment steps. "Matched environment steps": a script's final step S is compared
@@ -62,10 +76,15 @@ import submitit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "benchmarks", "published.csv")
 PUBLISHED_CURVES = os.path.join(ROOT, "benchmarks", "published")  # per-seed curves in environment steps (README.md)
-OFFLINE = {"decision_transformer.py", "decision_diffuser.py"}  # trained on --dataset, for --total-steps steps
-PEERS = {"sb3_sac": "sac", "sb3_td3": "td3"}  # --scripts name -> benchmarks/sb3_peer.py --algo
-ALGORITHMS = {"sac_continuous": "sac", "td3_continuous": "td3", **PEERS}  # label -> algorithm, for comparisons
+OFFLINE = {"decision_transformer.py", "decision_diffuser.py", "d3rlpy_dt"}  # trained on --dataset, for --total-steps
+PEERS = {"sb3_sac": "sac", "sb3_td3": "td3", "d3rlpy_dt": "dt"}  # --scripts name -> the algorithm it implements
+# A peer's program: benchmarks/FILE with these flags, run by the Python named by the environment variable (a peer
+# that pins its own versions lives in its own environment), else by this one.
+PEER_PROGRAMS = {"sb3_sac": ("sb3_peer.py", ["--algo", "sac"], None), "sb3_td3": ("sb3_peer.py", ["--algo", "td3"], None),
+                 "d3rlpy_dt": ("d3rlpy_peer.py", [], "D3RLPY_PYTHON")}
+ALGORITHMS = {"sac_continuous": "sac", "td3_continuous": "td3", "decision_transformer": "dt", **PEERS}  # label -> algo
 CONFIDENCE = 0.95
+FINAL_FIELDS = ["script", "label", "task", "seed", "step", "episodes", "episodic_return", "std", "normalized_score"]
 
 
 @dataclass
@@ -75,6 +94,7 @@ class Run:
     seed: int
     folder: str
     command: list
+    final_episodes: int = 0  # offline runs: evaluate the final model over this many episodes per target at the end
 
     @property
     def name(self) -> str:
@@ -106,18 +126,62 @@ def plan_runs(args, extra: list) -> list:
                     task_arg = task
                 folder = os.path.join(os.path.abspath(args.output_dir), "jobs", script.removesuffix(".py"),
                                       task_slug(task), f"seed{seed}")
-                command = [sys.executable, *script_command(script), "--dataset" if offline else "--env-id",
+                command = [*script_command(script), "--dataset" if offline else "--env-id",
                            task_arg, "--seed", str(seed), "--total-steps" if offline else "--total-timesteps",
                            str(args.total_timesteps), "--save-model", *extra]
-                runs.append(Run(script, task, seed, folder, command))  # tables name the task as it was given
+                runs.append(Run(script, task, seed, folder, command,  # tables name the task as it was given
+                                args.final_eval_episodes if offline else 0))
     return runs
 
 
 def script_command(script: str) -> list:
-    """The program of a --scripts name: one of our scripts at the top level, or a peer through sb3_peer.py."""
-    if script in PEERS:
-        return [os.path.join(ROOT, "benchmarks", "sb3_peer.py"), "--algo", PEERS[script]]
-    return [os.path.join(ROOT, script)]
+    """The program of a --scripts name, with its Python: one of our scripts at the top level, or a peer's file."""
+    if script not in PEERS:
+        return [sys.executable, os.path.join(ROOT, script)]
+    file, flags, python_variable = PEER_PROGRAMS[script]
+    python = os.environ.get(python_variable, "") if python_variable else sys.executable
+    if not python or not os.path.isfile(python):
+        sys.exit(f"reproduce.py: error: {script} runs in its own environment: set {python_variable} to its Python "
+                 f"(see benchmarks/{file})")
+    return [python, os.path.join(ROOT, "benchmarks", file), *flags]
+
+
+def final_model(run: "Run") -> str | None:
+    """The model a finished offline run saved: our checkpoint, or the d3rlpy peer's model file."""
+    name = "d3rlpy_dt.d3" if run.script == "d3rlpy_dt" else run.script.replace(".py", ".pt")
+    paths = glob.glob(os.path.join(run.folder, "runs", "*", name))
+    return paths[0] if paths else None
+
+
+def final_evaluation(run: "Run", log, env: dict) -> int:
+    """Evaluate a finished offline run's model over run.final_episodes episodes per target, through the program's
+    evaluation-only mode (--eval-checkpoint), into final_evaluation.csv. Returns the exit code."""
+    model = final_model(run)
+    if model is None:
+        log.write(f"no saved model in {run.folder}/runs for the final evaluation\n")
+        return 1
+    command = [*script_command(run.script), "--eval-checkpoint", model, "--eval-episodes", str(run.final_episodes)]
+    log.write(" ".join(command) + "\n")
+    log.flush()
+    result = subprocess.run(command, cwd=run.folder, capture_output=True, text=True, env=env)
+    log.write(result.stdout + result.stderr)
+    # One line per target (DT and its peer: "... (step N) on ENV, target T: MEAN +- STD over E episodes (normalized
+    # score X, ..."), or the Decision Diffuser's "... (step N) on ..." and then "final evaluation: MEAN +- STD ...".
+    returns = r"(\S+) \+- (\S+) over (\d+) episodes(?: \(normalized score ([^,)]+))?"
+    step = re.search(r"evaluation of .* \(step (\d+)\) on ", result.stdout)
+    found = [(f" (target {match[1]})", match.groups()[1:]) for match in
+             re.finditer(r"evaluation of .* \(step \d+\) on .*, target (\S+): " + returns, result.stdout)] or \
+            [("", match.groups()) for match in re.finditer(r"final evaluation: " + returns, result.stdout)]
+    rows = [dict(script=run.script, label=run.script.removesuffix(".py") + target, task=run.task, seed=run.seed,
+                 step=int(step[1]), episodes=int(episodes), episodic_return=float(mean), std=float(std),
+                 normalized_score=score or "") for target, (mean, std, episodes, score) in found] if step else []
+    if result.returncode != 0 or not rows:
+        return result.returncode or 1
+    with open(os.path.join(run.folder, "final_evaluation.csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=FINAL_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
 
 
 def latest_checkpoint(run: Run) -> tuple[str, int] | None:
@@ -161,6 +225,9 @@ class Execute(submitit.helpers.Checkpointable):
                     if process.poll() is None:
                         process.kill()
                         process.wait()
+            if code == 0 and run["final_episodes"] and not os.path.exists(
+                    os.path.join(run["folder"], "final_evaluation.csv")):
+                code = final_evaluation(Run(**run), log, env)
         result = dict(run, returncode=code, seconds=round(time.time() - start, 1), resumed_from=found and found[1])
         if code == 0:
             write_csv(os.path.join(run["folder"], "evaluations.csv"), extract_evaluations(Run(**run)))
@@ -297,6 +364,30 @@ def read_evaluations(runs: list) -> list:
     return rows
 
 
+def read_final_evaluations(runs: list) -> list:
+    """The final evaluations (--final-eval-episodes) of every finished offline run that has one."""
+    rows = []
+    for run in runs:
+        path = os.path.join(run.folder, "final_evaluation.csv")
+        if os.path.exists(os.path.join(run.folder, "done.json")) and os.path.exists(path):
+            with open(path) as file:
+                rows += [dict(row, task=run.task, seed=int(row["seed"])) for row in csv.DictReader(file)]
+    return rows
+
+
+def data_returns(task: str) -> tuple | None:
+    """(mean episode return, its normalized score or None) of an offline task's .npz file, else None: the data's
+    level, drawn and tabled beside the runs. Normalized with the file's own references (docs/datasets.md)."""
+    if not (task.endswith(".npz") and os.path.exists(task)):
+        return None
+    with np.load(task) as data:
+        ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+        returns = np.diff(np.concatenate([[0.0], np.cumsum(data["rewards"], dtype=np.float64)[ends]]))
+        refs = data["ref_scores"][:2].astype(float) if "ref_scores" in data else None
+    mean = float(returns.mean())
+    return mean, (100.0 * (mean - refs[0]) / (refs[1] - refs[0]) if refs is not None else None)
+
+
 def difference_interval(ours, theirs, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of mean(ours) - mean(theirs): each group resampled with replacement on its
     own (independent runs, not pairs), the difference of the resampled means taken `resamples` times."""
@@ -411,9 +502,12 @@ def best_of_mean_curve(rows: list) -> tuple:
 def peer_lines(results: dict) -> list:
     """Our script against a peer of the same algorithm at the same final step: the difference of the means."""
     lines = []
+    split = lambda label: (label.split(" (target ")[0], label.partition(" (target ")[2])  # noqa: E731 (name, target)
     for ours, (step, returns, _) in results.items():
         for peer, (peer_step, peer_returns, _) in results.items():
-            if ours in PEERS or peer not in PEERS or ALGORITHMS.get(ours) != PEERS[peer] or step != peer_step:
+            (name, target), (peer_name, peer_target) = split(ours), split(peer)
+            if name in PEERS or peer_name not in PEERS or ALGORITHMS.get(name) != PEERS[peer_name] or \
+                    step != peer_step or target != peer_target:
                 continue
             a, b = np.array(list(returns.values())), np.array(list(peer_returns.values()))
             low, high = difference_interval(a, b)
@@ -421,7 +515,7 @@ def peer_lines(results: dict) -> list:
                          f"{b.mean():.1f} +- {b.std():.1f} | {a.mean() - b.mean():+.1f} [{low:+.1f}, {high:+.1f}] |")
     if not lines:
         return []
-    return ["", "Against a peer (the same algorithm and settings in Stable-Baselines3, our evaluation protocol): "
+    return ["", "Against a peer (the same algorithm and settings in another library, our evaluation protocol): "
             "difference of the means over seeds, ours minus the peer's, with a 95% percentile-bootstrap interval "
             "(each group resampled on its own):", "",
             "| ours | peer | step | seeds | ours, mean +- std | peer, mean +- std | difference [95% CI] |",
@@ -460,7 +554,24 @@ def curve_lines(task: str, results: dict) -> list:
             "mean +- std | difference [95% CI] | in published std |", "|---|---|---|---|---|---|---|---|---|", *lines]
 
 
-def markdown_table(task: str, rows: list) -> str:
+def final_lines(final: list) -> list:
+    """The final evaluations over many episodes (--final-eval-episodes), a row per label: mean +- std over seeds of
+    each seed's mean, and the normalized score."""
+    lines = []
+    for label in sorted({row["label"] for row in final}):
+        mine = [row for row in final if row["label"] == label]
+        values = np.array([float(row["episodic_return"]) for row in mine])
+        scores = [float(row["normalized_score"]) for row in mine if row["normalized_score"] != ""]
+        score = f"{np.mean(scores):.1f}" if scores else "-"
+        lines.append(f"| {label} | {mine[0]['step']} | {len(mine)} | {mine[0]['episodes']} | "
+                     f"{values.mean():.1f} +- {values.std():.1f} | {score} |")
+    return ["", "Final evaluation of the last model over more episodes (`--final-eval-episodes`), with the run's own "
+            "evaluation protocol and seeds (its first episodes are those of the run's last evaluation):", "",
+            "| script | step | seeds | episodes per target | return, mean +- std over seeds | normalized score |",
+            "|---|---|---|---|---|---|", *lines] if lines else []
+
+
+def markdown_table(task: str, rows: list, final: list = ()) -> str:
     lines = [f"## {task}", "", "| script | step | seeds | return, mean +- std | IQM [95% CI] | normalized score | "
              "best of the mean curve (its step) |", "|---|---|---|---|---|---|---|"]
     results = final_results(rows)
@@ -475,6 +586,11 @@ def markdown_table(task: str, rows: list) -> str:
     lines += ["", "Return: the final evaluation of each seed (mean of its episodes), mean +- std over seeds. Best of "
               "the mean curve: the highest evaluation of the mean over seeds, +- the std over seeds there, the "
               "statistic of the TD3 paper's Table 1 (\"max average return\")."]
+    lines += final_lines(list(final))
+    data = data_returns(task)
+    if data is not None:
+        lines += ["", f"The data: mean episode return {data[0]:.1f}" +
+                  (f" (normalized score {data[1]:.1f})." if data[1] is not None else ".")]
     lines += peer_lines(results)
     lines += curve_lines(task, results)
     published = published_points(task)
@@ -500,6 +616,9 @@ def plot(task: str, rows: list, path: str):
     # Behind ours: the published curves of the algorithms drawn here, mean +- std over their seeds, up to our last
     # step (dashed: SAC, dotted: TD3).
     algorithms = {ALGORITHMS[row["label"]] for row in rows if row["label"] in ALGORITHMS}
+    data = data_returns(task)
+    if data is not None:  # an offline run's data: its mean episode return
+        axes.axhline(data[0], color="0.3", linestyle="--", linewidth=1, zorder=1, label="the data's mean return")
     colours = ["0.45", "tab:olive", "tab:brown", "tab:pink", "tab:cyan", "tab:purple"]
     for colour, curve in zip(colours, published_curves(task, algorithms) if algorithms else []):
         steps, mean, spread = curve_band(curve, last)
@@ -543,13 +662,15 @@ def aggregate(runs: list, output_dir: str):
         print("no finished run with evaluations to aggregate")
         return
     write_csv(os.path.join(output_dir, "evaluations.csv"), rows)
+    final = read_final_evaluations(runs)
     for task in sorted({row["task"] for row in rows}):
         mine = [row for row in rows if row["task"] == task]
         name = task_slug(task)
+        table = markdown_table(task, mine, [row for row in final if row["task"] == task])
         with open(os.path.join(output_dir, f"{name}.md"), "w") as file:
-            file.write(markdown_table(task, mine))
+            file.write(table)
         plot(task, mine, os.path.join(output_dir, name))
-        print(markdown_table(task, mine))
+        print(table)
     print(f"wrote {output_dir}/evaluations.csv and a table (.md) and a picture (.png, .svg) per task")
 
 
@@ -572,6 +693,9 @@ def main(argv=None):
     parser.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit of one run, minutes")
     parser.add_argument("--gpus-per-run", type=int, default=0)
     parser.add_argument("--cpus-per-run", type=int, default=2)
+    parser.add_argument("--final-eval-episodes", type=int, default=0,
+                        help="offline runs: at the end, evaluate the final model over this many episodes per target "
+                             "(its evaluation-only mode) into final_evaluation.csv and the tables; 0: do not")
     args = parser.parse_args(argv)
     for script in args.scripts:
         if script not in PEERS and not os.path.isfile(os.path.join(ROOT, script)):

@@ -5,6 +5,7 @@ benchmark's argument checks (benchmarks/speed.py)."""
 
 import csv
 import glob
+import json
 import math
 import os
 import subprocess
@@ -124,7 +125,7 @@ def test_a_requeued_submitit_job_resumes_from_its_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setenv("PYTHONPATH", os.path.join(ROOT, "benchmarks"))  # the job unpickles reproduce.Execute
     plan = SimpleNamespace(scripts=["td3_continuous.py"], datasets=[], env_ids=["Pendulum-v1"], seeds=[1],
-                           total_timesteps=1400, output_dir=str(tmp_path / "out"))
+                           total_timesteps=1400, output_dir=str(tmp_path / "out"), final_eval_episodes=0)
     run = reproduce.plan_runs(plan, [*SHORT, "--checkpoint-every", "200"])[0]
     executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
     executor.update_parameters(timeout_min=10)
@@ -173,7 +174,8 @@ def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "replay.npz").write_bytes(b"")
     plan = SimpleNamespace(scripts=["decision_transformer.py"], datasets=["data/replay.npz", "mujoco/hopper/medium-v0"],
-                           env_ids=[], seeds=[1, 2], total_timesteps=300, output_dir=str(tmp_path / "out"))
+                           env_ids=[], seeds=[1, 2], total_timesteps=300, output_dir=str(tmp_path / "out"),
+                           final_eval_episodes=100)
     runs = reproduce.plan_runs(plan, ["--batch-size", "8"])
     assert len(runs) == 4
     first = runs[0].command
@@ -181,6 +183,7 @@ def test_offline_scripts_get_their_dataset_and_step_flags(tmp_path, monkeypatch)
     assert first[1:] == [os.path.join(ROOT, "decision_transformer.py"), "--dataset", dataset, "--seed", "1",
                          "--total-steps", "300", "--save-model", "--batch-size", "8"]
     assert runs[0].task == "data/replay.npz"  # the tables name it as the user did, on any machine
+    assert first[0] == sys.executable and {run.final_episodes for run in runs} == {100}
     assert runs[0].folder.endswith(os.path.join("jobs", "decision_transformer", "replay", "seed1"))
     assert [run.seed for run in runs] == [1, 2, 1, 2]  # task by task, then seed by seed
     assert runs[2].command[3] == "mujoco/hopper/medium-v0"  # a Minari id is passed as it is
@@ -505,3 +508,116 @@ def test_sb3_peers_run_through_the_harness_beside_our_script(tmp_path):
                              and row["step"] == "600"]) for label in ("sac_continuous", "sb3_sac")}
     assert len(peer) == 1 and f"| {final['sac_continuous'] - final['sb3_sac']:+.1f} [" in peer[0]
     assert (output / "Pendulum-v1.png").read_bytes().startswith(b"\x89PNG")
+
+
+# Flags of a tiny Decision Transformer (a few steps on the 300-step InvertedPendulum set of conftest.py).
+TINY_DT = ["--context-len", "4", "--embed-dim", "16", "--n-layers", "1", "--batch-size", "8", "--warmup-steps", "5",
+           "--eval-every", "10", "--eval-episodes", "1", "--log-every", "10"]
+TINY_DD = ["--horizon", "8", "--dim", "16", "--dim-mults", "1", "2", "--n-diffusion-steps", "10", "--batch-size", "16",
+           "--eval-every", "10", "--eval-episodes", "1", "--log-every", "10"]
+
+
+def test_offline_runs_end_with_a_final_evaluation_of_their_model(tmp_path, inverted_pendulum_random_npz):
+    """--final-eval-episodes evaluates each finished offline run's model through the script's evaluation-only mode.
+    With as many episodes as the run's own evaluations, it must give exactly the run's final evaluation (the same
+    model, the same start states), one row per target for the Decision Transformer, one for the Diffuser; the tables
+    show it and the data's mean return."""
+    output = tmp_path / "results"
+    for script, flags in (("decision_transformer.py", TINY_DT), ("decision_diffuser.py", TINY_DD)):
+        result = harness("--scripts", script, "--datasets", inverted_pendulum_random_npz, "--seeds", "1",
+                         "--total-timesteps", "20", "--final-eval-episodes", "1", "--output-dir", str(output), "--",
+                         *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    for script, labels in (("decision_transformer", 2), ("decision_diffuser", 1)):
+        folder = output / "jobs" / script / "random" / "seed1"
+        rows = list(csv.DictReader(open(folder / "evaluations.csv")))
+        final = list(csv.DictReader(open(folder / "final_evaluation.csv")))
+        assert len(final) == labels and {row["episodes"] for row in final} == {"1"}
+        for row in final:
+            logged = [r for r in rows if r["label"] == row["label"] and r["step"] == "20"]
+            assert len(logged) == 1 and float(row["episodic_return"]) == pytest.approx(
+                float(logged[0]["episodic_return"]), rel=1e-6), (row, logged)
+        assert "--eval-checkpoint" in (folder / "log.txt").read_text()
+    with np.load(inverted_pendulum_random_npz) as data:
+        episodes = np.split(data["rewards"], np.flatnonzero(data["terminals"] | data["timeouts"]) + 1)[:-1]  # complete
+        data_mean = np.mean([episode.sum(dtype=np.float64) for episode in episodes])
+    result = harness("--scripts", "decision_transformer.py", "decision_diffuser.py", "--datasets",
+                     inverted_pendulum_random_npz, "--seeds", "1", "--total-timesteps", "20", "--output-dir", str(output),
+                     "--aggregate-only", cwd=tmp_path)
+    table = (output / "random.md").read_text()
+    assert "| decision_diffuser | 20 | 1 | 1 |" in table and "| decision_transformer (target " in table
+    assert f"The data: mean episode return {data_mean:.1f}" in table
+
+
+def test_the_d3rlpy_peer_needs_its_own_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("D3RLPY_PYTHON", raising=False)
+    result = harness("--scripts", "decision_transformer.py", "d3rlpy_dt", "--datasets", "x.npz", "--seeds", "1",
+                     "--total-timesteps", "20", "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+        "reproduce.py: error: d3rlpy_dt runs in its own environment: set D3RLPY_PYTHON to its Python (see "
+        "benchmarks/d3rlpy_peer.py)")
+
+
+def test_d3rlpy_peer_evaluates_with_our_protocol(inverted_pendulum_random_npz):
+    """The same policy (the action 0 for every input) evaluated by d3rlpy_peer.evaluate (through a stand-in for
+    d3rlpy's stateful wrapper) and by decision_transformer.evaluate gives the same returns, target by target: episode
+    i resets with seed + 10000 + i in both. Needs no d3rlpy."""
+    import d3rlpy_peer
+    import decision_transformer as dt
+    import torch
+
+    data = dt.load_dataset(inverted_pendulum_random_npz)
+    task = dt.dataset_task(data, dt.Args(dataset=inverted_pendulum_random_npz))
+    wrappers = []
+
+    class Wrapper:
+        def __init__(self, target):
+            self.target, self.calls, self.resets = target, 0, 0
+
+        def predict(self, obs, reward):
+            self.calls += 1
+            return np.zeros(1, np.float32)
+
+        def reset(self):
+            self.resets += 1
+
+    class Algo:
+        def as_stateful_wrapper(self, target_return):
+            wrappers.append(Wrapper(target_return))
+            return wrappers[-1]
+
+    peer = d3rlpy_peer.evaluate(Algo(), dt, task, 3, 7)
+    model = dt.DecisionTransformer(task["obs_dim"], task["act_dim"], [-3.0], [3.0], 16, 1, 1, 0.0, 1000)
+    torch.nn.init.zeros_(model.predict_action.weight), torch.nn.init.zeros_(model.predict_action.bias)
+    env_fn = lambda: dt.make_env(task["env_id"], 7)  # noqa: E731
+    ours = dt.evaluate(model, env_fn, task["target_returns"], 3, 7 + 10_000, task["state_mean"], task["state_std"],
+                       1.0, 4, 1000, torch.device("cpu"))
+    assert [w.target for w in wrappers] == task["target_returns"] and [w.resets for w in wrappers] == [3, 3]
+    assert np.array_equal(peer, ours) and len(set(peer[0])) == 3  # three different start states
+
+
+@pytest.mark.skipif(not os.path.isfile(os.environ.get("D3RLPY_PYTHON", "")),
+                    reason="needs d3rlpy in its own environment: set D3RLPY_PYTHON (benchmarks/d3rlpy_peer.py)")
+def test_d3rlpy_peer_runs_through_the_harness_beside_our_decision_transformer(tmp_path, inverted_pendulum_random_npz):
+    """d3rlpy's DT gets our settings (read back from the model it saved) and is tabled against ours, target by
+    target, with its final evaluation."""
+    output = tmp_path / "results"
+    result = harness("--scripts", "decision_transformer.py", "d3rlpy_dt", "--datasets", inverted_pendulum_random_npz,
+                     "--seeds", "1", "--total-timesteps", "20", "--final-eval-episodes", "2", "--workers", "2",
+                     "--output-dir", str(output), "--", *TINY_DT, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = output / "jobs" / "d3rlpy_dt" / "random" / "seed1"
+    model = glob.glob(str(folder / "runs" / "*" / "d3rlpy_dt.d3"))[0]
+    config = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", "import d3rlpy, json, sys; c = d3rlpy.load_learnable("
+                             "sys.argv[1]).config; o = c.optim_factory; print(json.dumps([c.context_size, c.batch_size, "
+                             "c.learning_rate, c.num_heads, c.num_layers, c.attn_dropout, c.resid_dropout, "
+                             "c.embed_dropout, c.max_timestep, c.encoder_factory.hidden_units, o.weight_decay, "
+                             "o.clip_grad_norm, o.lr_scheduler_factory.warmup_steps, c.reward_scaler.multiplier]))",
+                             model], capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert json.loads(config) == [4, 8, 1e-4, 1, 1, 0.1, 0.1, 0.1, 1000, [16], 1e-4, 0.25, 5, 0.001]
+    final = list(csv.DictReader(open(folder / "final_evaluation.csv")))
+    assert len(final) == 2 and {row["episodes"] for row in final} == {"2"}
+    table = (output / "random.md").read_text()
+    assert table.count("| decision_transformer (target ") >= 2 and table.count("| d3rlpy_dt (target ") >= 4
+    assert len([line for line in table.splitlines() if line.startswith("| decision_transformer (target ")
+                and "| d3rlpy_dt (target " in line]) == 2  # ours against the peer, for each target
