@@ -26,10 +26,12 @@ not a setting):
 Evaluation (ours exactly): every --eval-every gradient steps and at the end, --eval-episodes episodes per target
 return (--target-returns, else the official ones for the task), episode i reset with seed + 10000 + i, returns summed;
 logged to TensorBoard in runs/<run name>/ as eval/return_target_T and eval/normalized_score_target_T, which
-reproduce.py reads. --save-model writes d3rlpy's model to runs/<run name>/d3rlpy_dt.d3 at the end; there is no
-resume (an interrupted run starts afresh). --eval-checkpoint evaluates a saved model and prints one line per target
-as decision_transformer.py's evaluation-only mode does. --checkpoint-every is accepted (the harness may pass it) and
-ignored. This file imports decision_transformer.py for its defaults, dataset reader and references; it does not
+reproduce.py reads. --save-model writes a checkpoint at every evaluation (and every --checkpoint-every steps):
+runs/<run name>/d3rlpy_dt.pt (the step, the settings, the task and the random generators) naming d3rlpy's own model
+file of that step (networks, optimiser and warm-up state, fitted scalers). `--resume runs/<run name>/d3rlpy_dt.pt`
+continues the run from there, in the same folder, with the same generators (the harness resumes an interrupted run
+so); --eval-checkpoint evaluates a checkpoint's model and prints one line per target as decision_transformer.py's
+evaluation-only mode does. This file imports decision_transformer.py for its defaults, dataset reader and references; it does not
 import this file.
 """
 
@@ -68,12 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(defaults[name]), default=defaults[name])
     parser.add_argument("--save-model", action="store_true")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="accepted and ignored (no resume)")
-    parser.add_argument("--eval-checkpoint", default=None, help="evaluate this saved d3rlpy_dt.d3 and stop")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="with --save-model, also checkpoint every N steps (default: at evaluations only)")
+    parser.add_argument("--resume", default=None, help="continue the run of this d3rlpy_dt.pt checkpoint")
+    parser.add_argument("--eval-checkpoint", default=None, help="evaluate the model of this d3rlpy_dt.pt and stop")
     parser.add_argument("--no-cuda", action="store_true", help="accepted: this peer runs on the CPU")
     args = parser.parse_args(argv)
     if args.eval_checkpoint is None and args.dataset is None:
         fail("pass --dataset (or --eval-checkpoint)")
+    if args.resume and args.eval_checkpoint:
+        fail("give either --resume or --eval-checkpoint, not both")
     for name in FLAGS:
         if getattr(args, name) <= 0 and name not in ("weight_decay", "dropout"):
             fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -117,6 +123,48 @@ def evaluate(algo, dt, task: dict, episodes: int, seed: int) -> np.ndarray:
     return returns
 
 
+def random_state() -> dict:
+    """The generators d3rlpy's training draws from: numpy's global one (windows), torch's (dropout), python's."""
+    import random
+
+    import torch
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return dict(numpy=[torch.as_tensor(keys.astype(np.int64)), position, has_gauss, cached], torch=torch.get_rng_state(),
+                python=random.getstate())
+
+
+def set_random_state(state: dict):
+    import random
+
+    import torch
+
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(algo, run_name: str, step: int, task: dict, args):
+    """runs/<run>/d3rlpy_dt.pt (step, settings, task, random generators; what --resume and --eval-checkpoint read)
+    naming d3rlpy's own model file of that step (d3rlpy_dt_<step>.d3: networks, optimiser and warm-up state, fitted
+    scalers); each is written to a temporary file and renamed, the model first, so a kill leaves a complete pair."""
+    import torch
+
+    folder = f"runs/{run_name}"
+    model = f"d3rlpy_dt_{step}.d3"
+    algo.save(f"{folder}/{model}.tmp")
+    os.replace(f"{folder}/{model}.tmp", f"{folder}/{model}")
+    refs = None if task["refs"] is None else [float(value) for value in task["refs"]]
+    torch.save(dict(script="d3rlpy_dt", global_step=step, run_name=run_name, model=model, args=vars(args),
+                    task={**{key: task[key] for key in ("env_id", "env_kwargs", "target_returns", "ref_source")},
+                          "refs": refs}, random=random_state()), f"{folder}/d3rlpy_dt.pt.tmp")
+    os.replace(f"{folder}/d3rlpy_dt.pt.tmp", f"{folder}/d3rlpy_dt.pt")
+    for name in os.listdir(folder):
+        if name.startswith("d3rlpy_dt_") and name.endswith(".d3") and name != model:
+            os.remove(f"{folder}/{name}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -126,12 +174,18 @@ def main(argv=None):
         fail("needs d3rlpy: pip install -r benchmarks/requirements-d3rlpy.txt (in its own environment)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     dt = our_script()
+    checkpoint = args.eval_checkpoint or args.resume
+    if checkpoint:
+        try:
+            saved = torch.load(checkpoint, weights_only=True)
+            algo = d3rlpy.load_learnable(os.path.join(os.path.dirname(checkpoint), saved["model"]))
+        except (OSError, KeyError, RuntimeError) as error:
+            fail(f"cannot read checkpoint '{checkpoint}' ({type(error).__name__}: {error}); pass a d3rlpy_dt.pt")
     if args.eval_checkpoint:
-        algo = d3rlpy.load_learnable(args.eval_checkpoint)
-        saved = torch.load(args.eval_checkpoint + ".task.pt", weights_only=True)
-        task, step = saved["task"], saved["global_step"]
-        for target, returns in zip(task["target_returns"], evaluate(algo, dt, task, args.eval_episodes, saved["seed"])):
-            print(f"evaluation of {args.eval_checkpoint} (step {step}) on {task['env_id']}, target {target:g}: "
+        task = saved["task"]
+        for target, returns in zip(task["target_returns"],
+                                   evaluate(algo, dt, task, args.eval_episodes, saved["args"]["seed"])):
+            print(f"evaluation of {checkpoint} (step {saved['global_step']}) on {task['env_id']}, target {target:g}: "
                   f"{dt.describe_returns(returns, task['refs'], task['ref_source'])}")
         return
     d3rlpy.seed(args.seed)
@@ -142,14 +196,25 @@ def main(argv=None):
     dataset = d3rlpy.dataset.MDPDataset(data["observations"].astype(np.float32), data["actions"].astype(np.float32),
                                         data["rewards"].astype(np.float32)[:, None], data["terminals"].astype(np.float32),
                                         timeouts.astype(np.float32))
-    algo = make_algo(args, d3rlpy)
-    run_name = f"{task['env_id']}__d3rlpy_dt__{args.seed}__{int(time.time())}"
+    start = saved["global_step"] if args.resume else 0
+    if args.resume:
+        changed = [key for key in FLAGS + ["seed", "dataset", "env_id", "target_returns"]
+                   if key not in ("total_steps", "log_every") and getattr(args, key) != saved["args"][key]]
+        if changed:
+            fail(f"--resume: {', '.join(changed)} differ from the checkpoint's run; a resumed run keeps its settings")
+        if args.total_steps <= start:
+            fail(f"--total-steps ({args.total_steps}) must exceed the checkpoint's step ({start}) to resume")
+        set_random_state(saved["random"])
+    else:
+        algo = make_algo(args, d3rlpy)
+    run_name = saved["run_name"] if args.resume else f"{task['env_id']}__d3rlpy_dt__{args.seed}__{int(time.time())}"
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start + 1 if args.resume else None)
     print(f"run {run_name}: {args.dataset} ({len(data['rewards'])} steps, {len(task['episode_returns'])} episodes) "
-          f"-> {task['env_id']}, d3rlpy {d3rlpy.__version__}, targets {task['target_returns']}", flush=True)
-    start = time.time()
+          f"-> {task['env_id']}, d3rlpy {d3rlpy.__version__}, targets {task['target_returns']}"
+          + (f", resumed at step {start}" if args.resume else ""), flush=True)
+    clock = time.time()
 
     def run_evaluation(step):
         for target, returns in zip(task["target_returns"], evaluate(algo, dt, task, args.eval_episodes, args.seed)):
@@ -161,23 +226,23 @@ def main(argv=None):
                   f"{dt.describe_returns(returns, task['refs'], task['ref_source'])}", flush=True)
         writer.flush()
 
-    def callback(algo_, epoch, step):
+    def callback(algo_, epoch, done):  # d3rlpy counts the steps of this call of fit from 1
+        step = start + done
         if step % args.log_every == 0:
-            print(f"step {step}/{args.total_steps} | {step / (time.time() - start):.0f} SPS (with evaluations)",
-                  flush=True)
+            print(f"step {step}/{args.total_steps} | {(step - start) / (time.time() - clock):.2f} steps/s (with "
+                  f"evaluations)", flush=True)
         if step % args.eval_every == 0 or step == args.total_steps:
             run_evaluation(step)
+            if args.save_model:  # at every evaluation, as decision_transformer.py
+                save_checkpoint(algo, run_name, step, task, args)
+        elif args.save_model and args.checkpoint_every and step % args.checkpoint_every == 0:
+            save_checkpoint(algo, run_name, step, task, args)
 
-    algo.fit(dataset, n_steps=args.total_steps, n_steps_per_epoch=args.total_steps, show_progress=False,
-             logger_adapter=d3rlpy.logging.NoopAdapterFactory(), callback=callback, save_interval=10**9)
+    algo.fit(dataset, n_steps=args.total_steps - start, n_steps_per_epoch=args.total_steps - start,
+             show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), callback=callback,
+             save_interval=10**9)
     if args.save_model:
-        path = f"runs/{run_name}/d3rlpy_dt.d3"
-        algo.save(path)
-        refs = None if task["refs"] is None else [float(value) for value in task["refs"]]
-        torch.save(dict(task={**{k: task[k] for k in ("env_id", "env_kwargs", "target_returns", "ref_source")},
-                              "refs": refs},
-                        global_step=args.total_steps, seed=args.seed), path + ".task.pt")
-        print(f"saved model to {path}")
+        print(f"saved checkpoint to runs/{run_name}/d3rlpy_dt.pt")
     writer.close()
 
 

@@ -29,7 +29,8 @@ and pictures of an invocation hold the runs it names (finished ones included), s
         --env-ids HalfCheetah-v5 --seeds 1 2 3 --total-timesteps 100000 --workers 2 --output-dir OUT
 
 The Decision Transformer's peer is d3rlpy's (`d3rlpy_dt`, run by `benchmarks/d3rlpy_peer.py` with our script's
-settings and evaluation protocol). d3rlpy pins its own Gymnasium, so it runs in an environment of its own
+settings and evaluation protocol; it checkpoints at its evaluations, so an interrupted run resumes like ours).
+d3rlpy pins its own Gymnasium, so it runs in an environment of its own
 (benchmarks/requirements-d3rlpy.txt) whose Python D3RLPY_PYTHON names:
 
     D3RLPY_PYTHON=~/venvs/d3rlpy/bin/python python benchmarks/reproduce.py --scripts decision_transformer.py \
@@ -146,17 +147,10 @@ def script_command(script: str) -> list:
     return [python, os.path.join(ROOT, "benchmarks", file), *flags]
 
 
-def final_model(run: "Run") -> str | None:
-    """The model a finished offline run saved: our checkpoint, or the d3rlpy peer's model file."""
-    name = "d3rlpy_dt.d3" if run.script == "d3rlpy_dt" else run.script.replace(".py", ".pt")
-    paths = glob.glob(os.path.join(run.folder, "runs", "*", name))
-    return paths[0] if paths else None
-
-
 def final_evaluation(run: "Run", log, env: dict) -> int:
     """Evaluate a finished offline run's model over run.final_episodes episodes per target, through the program's
     evaluation-only mode (--eval-checkpoint), into final_evaluation.csv. Returns the exit code."""
-    model = final_model(run)
+    model = (latest_checkpoint(run) or [None])[0]
     if model is None:
         log.write(f"no saved model in {run.folder}/runs for the final evaluation\n")
         return 1
@@ -188,7 +182,7 @@ def latest_checkpoint(run: Run) -> tuple[str, int] | None:
     """(path, step) of the checkpoint an interrupted run left in its folder, or None."""
     import torch
 
-    paths = glob.glob(os.path.join(run.folder, "runs", "*", run.script.replace(".py", ".pt")))
+    paths = glob.glob(os.path.join(run.folder, "runs", "*", run.script.removesuffix(".py") + ".pt"))
     if not paths:
         return None
     try:

@@ -607,7 +607,7 @@ def test_d3rlpy_peer_runs_through_the_harness_beside_our_decision_transformer(tm
                      "--output-dir", str(output), "--", *TINY_DT, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     folder = output / "jobs" / "d3rlpy_dt" / "random" / "seed1"
-    model = glob.glob(str(folder / "runs" / "*" / "d3rlpy_dt.d3"))[0]
+    model = glob.glob(str(folder / "runs" / "*" / "d3rlpy_dt_20.d3"))[0]  # the model of the last checkpoint
     config = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", "import d3rlpy, json, sys; c = d3rlpy.load_learnable("
                              "sys.argv[1]).config; o = c.optim_factory; print(json.dumps([c.context_size, c.batch_size, "
                              "c.learning_rate, c.num_heads, c.num_layers, c.attn_dropout, c.resid_dropout, "
@@ -621,3 +621,30 @@ def test_d3rlpy_peer_runs_through_the_harness_beside_our_decision_transformer(tm
     assert table.count("| decision_transformer (target ") >= 2 and table.count("| d3rlpy_dt (target ") >= 4
     assert len([line for line in table.splitlines() if line.startswith("| decision_transformer (target ")
                 and "| d3rlpy_dt (target " in line]) == 2  # ours against the peer, for each target
+
+
+@pytest.mark.skipif(not os.path.isfile(os.environ.get("D3RLPY_PYTHON", "")),
+                    reason="needs d3rlpy in its own environment: set D3RLPY_PYTHON (benchmarks/d3rlpy_peer.py)")
+def test_an_interrupted_d3rlpy_peer_run_resumes_exactly(tmp_path, inverted_pendulum_random_npz):
+    """10 steps, then --resume to 20, evaluates at step 20 exactly as 20 steps in one go: the checkpoint keeps the
+    networks, the optimiser and its warm-up, the scalers and the random generators of the windows and dropout."""
+    peer = [os.environ["D3RLPY_PYTHON"], os.path.join(ROOT, "benchmarks", "d3rlpy_peer.py"), "--dataset",
+            inverted_pendulum_random_npz, "--save-model", *TINY_DT]
+    evaluations = lambda out: [line for line in out.splitlines() if line.startswith("eval at step 20")]  # noqa: E731
+    (tmp_path / "once").mkdir(), (tmp_path / "twice").mkdir()
+    once = subprocess.run([*peer, "--total-steps", "20"], cwd=tmp_path / "once", capture_output=True, text=True)
+    first = subprocess.run([*peer, "--total-steps", "10"], cwd=tmp_path / "twice", capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    checkpoint = glob.glob(str(tmp_path / "twice" / "runs" / "*" / "d3rlpy_dt.pt"))[0]
+    second = subprocess.run([*peer, "--total-steps", "20", "--resume", checkpoint], cwd=tmp_path / "twice",
+                            capture_output=True, text=True)
+    assert second.returncode == 0 and "resumed at step 10" in second.stdout, second.stderr
+    assert len(evaluations(once.stdout)) == 2 and evaluations(second.stdout) == evaluations(once.stdout)
+    assert sorted(os.listdir(os.path.dirname(checkpoint)))[:2] == ["d3rlpy_dt.pt", "d3rlpy_dt_20.d3"]
+    models = [glob.glob(str(tmp_path / run / "runs" / "*" / "d3rlpy_dt_20.d3"))[0] for run in ("once", "twice")]
+    compare = ("import d3rlpy, sys, torch; a, b = (d3rlpy.load_learnable(p).impl.modules for p in sys.argv[1:]); "
+               "print(all(torch.equal(x, y) for x, y in zip(a.transformer.state_dict().values(), "
+               "b.transformer.state_dict().values())) and a.optim.state_dict()['lr_scheduler'] == "
+               "b.optim.state_dict()['lr_scheduler'])")
+    same = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", compare, *models], capture_output=True, text=True)
+    assert same.stdout.strip().splitlines()[-1:] == ["True"], same.stdout + same.stderr  # the weights, bit for bit
