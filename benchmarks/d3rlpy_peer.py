@@ -19,8 +19,11 @@ not a setting):
   * windows: d3rlpy draws a row uniformly and takes the K steps that end there (padding on the left, timesteps from 1);
     ours draws a row uniformly and takes the K steps that start there (padding on the right, timesteps from 0);
   * state std: d3rlpy's StandardObservationScaler adds 1e-3 to the std, ours 1e-6 (the official code: 1e-6);
-  * the transformer: d3rlpy's own GPT-2 blocks and initialisation (its `GPT2` model), ours follow the official
-    trajectory_gpt2.py; both pre-LayerNorm with a 4x ReLU MLP;
+  * the transformer: d3rlpy's own GPT-2 (pre-LayerNorm blocks with a 4x ReLU MLP, as ours and the official
+    trajectory_gpt2.py) has LayerNorm eps 0.003 (ours and GPT-2's: 1e-5), masks its left pads in attention (ours need
+    no mask: right pads sit after every real token), and initialises its timestep embedding N(0, 0.02) with the
+    transformer (ours and the official code: PyTorch's N(0, 1) default; the other embeddings and the head keep
+    PyTorch's defaults in all three);
   * evaluation steps one episode at a time through d3rlpy's StatefulTransformerWrapper (ours: all at once in a vector
     env); the episodes, their seeds and the targets are the same.
 Evaluation (ours exactly): every --eval-every gradient steps and at the end, --eval-episodes episodes per target
