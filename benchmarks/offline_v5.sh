@@ -10,7 +10,8 @@
 #             64, K = 20, 128 dims, 3 layers, 1 head), 10 episodes per target every 10k steps, then the final model
 #             over 100 per target; beside it d3rlpy's DT with the same settings where D3RLPY_PYTHON is set
 #             (benchmarks/requirements-d3rlpy.txt in an environment of its own)
-#   dd-sweep  the Decision Diffuser's CPU configuration: horizon and U-Net width on hopper-medium, 10k steps each
+#   dd-sweep  the Decision Diffuser's CPU configuration: horizon 4, 8, 16 x U-Net width 32, 64 on hopper-medium,
+#             $SWEEP_STEPS steps each (default 10000)
 #   dd        the Decision Diffuser at the configuration chosen from the sweep (DD_FLAGS below)
 # SET defaults to the order: the medium sets, the medium-replay sets, the medium-expert sets, then expert.
 set -euo pipefail
@@ -35,6 +36,7 @@ dd_common=(--dim-mults 1 2 --n-diffusion-steps 20 --batch-size 64 --gradient-acc
   --learning-rate 1e-3 --normalizer cdf --sampler ddim --sampling-steps 10 --eval-episodes 10 --log-every 2000)
 DD_FLAGS=(${DD_FLAGS:---horizon 4 --dim 32 --eval-every 10000})
 DD_STEPS=${DD_STEPS:-30000}
+SWEEP_STEPS=${SWEEP_STEPS:-10000}
 
 for set in "${sets[@]}"; do
   data=$suite/$set-v0.npz
@@ -53,8 +55,8 @@ for set in "${sets[@]}"; do
       for horizon in 4 8 16; do
         for dim in 32 64; do
           python benchmarks/reproduce.py --scripts decision_diffuser.py --datasets "$data" --seeds 1 \
-            --total-timesteps 10000 --workers 2 --output-dir "$out/dd_sweep/h${horizon}_dim${dim}" \
-            -- "${dd_common[@]}" --horizon $horizon --dim $dim --eval-every 5000
+            --total-timesteps "$SWEEP_STEPS" --workers 2 --output-dir "$out/dd_sweep/h${horizon}_dim${dim}" \
+            -- "${dd_common[@]}" --horizon $horizon --dim $dim --eval-every $((SWEEP_STEPS / 2))
         done
       done ;;
     dd)
