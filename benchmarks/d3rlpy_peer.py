@@ -107,7 +107,6 @@ def make_algo(args, d3rlpy):
 
 def evaluate(algo, dt, task: dict, episodes: int, seed: int) -> np.ndarray:
     """(targets, episodes) returns; episode i of every target resets with seed + 10000 + i (ours)."""
-    low, high = None, None
     returns = np.zeros((len(task["target_returns"]), episodes))
     for t, target in enumerate(task["target_returns"]):
         actor = algo.as_stateful_wrapper(target_return=target)
