@@ -34,8 +34,8 @@ runs/<run name>/d3rlpy_dt.pt (the step, the settings, the task and the random ge
 file of that step (networks, optimiser and warm-up state, fitted scalers). `--resume runs/<run name>/d3rlpy_dt.pt`
 continues the run from there, in the same folder, with the same generators (the harness resumes an interrupted run
 so); --eval-checkpoint evaluates a checkpoint's model and prints one line per target as decision_transformer.py's
-evaluation-only mode does. This file imports decision_transformer.py for its defaults, dataset reader and references; it does not
-import this file.
+evaluation-only mode does. This file imports decision_transformer.py for its defaults, dataset reader and
+references; it does not import this file.
 """
 
 import argparse
@@ -132,8 +132,8 @@ def random_state() -> dict:
     import torch
 
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    return dict(numpy=[torch.as_tensor(keys.astype(np.int64)), position, has_gauss, cached], torch=torch.get_rng_state(),
-                python=random.getstate())
+    return dict(numpy=[torch.as_tensor(keys.astype(np.int64)), position, has_gauss, cached],
+                torch=torch.get_rng_state(), python=random.getstate())
 
 
 def set_random_state(state: dict):
@@ -195,9 +195,10 @@ def main(argv=None):
     task = dt.dataset_task(data, dt.Args(dataset=args.dataset, env_id=args.env_id, target_returns=args.target_returns))
     timeouts = data["timeouts"].copy()
     timeouts[-1] |= not data["terminals"][-1]  # d3rlpy needs the last row to end an episode
-    dataset = d3rlpy.dataset.MDPDataset(data["observations"].astype(np.float32), data["actions"].astype(np.float32),
-                                        data["rewards"].astype(np.float32)[:, None], data["terminals"].astype(np.float32),
-                                        timeouts.astype(np.float32))
+    as_float = lambda array: np.asarray(array, np.float32)  # noqa: E731
+    dataset = d3rlpy.dataset.MDPDataset(as_float(data["observations"]), as_float(data["actions"]),
+                                        as_float(data["rewards"])[:, None], as_float(data["terminals"]),
+                                        as_float(timeouts))
     start = saved["global_step"] if args.resume else 0
     if args.resume:
         changed = [key for key in FLAGS + ["seed", "dataset", "env_id", "target_returns"]

@@ -81,7 +81,8 @@ OFFLINE = {"decision_transformer.py", "decision_diffuser.py", "d3rlpy_dt"}  # tr
 PEERS = {"sb3_sac": "sac", "sb3_td3": "td3", "d3rlpy_dt": "dt"}  # --scripts name -> the algorithm it implements
 # A peer's program: benchmarks/FILE with these flags, run by the Python named by the environment variable (a peer
 # that pins its own versions lives in its own environment), else by this one.
-PEER_PROGRAMS = {"sb3_sac": ("sb3_peer.py", ["--algo", "sac"], None), "sb3_td3": ("sb3_peer.py", ["--algo", "td3"], None),
+PEER_PROGRAMS = {"sb3_sac": ("sb3_peer.py", ["--algo", "sac"], None),
+                 "sb3_td3": ("sb3_peer.py", ["--algo", "td3"], None),
                  "d3rlpy_dt": ("d3rlpy_peer.py", [], "D3RLPY_PYTHON")}
 ALGORITHMS = {"sac_continuous": "sac", "td3_continuous": "td3", "decision_transformer": "dt", **PEERS}  # label -> algo
 CONFIDENCE = 0.95
@@ -496,10 +497,9 @@ def best_of_mean_curve(rows: list) -> tuple:
 def peer_lines(results: dict) -> list:
     """Our script against a peer of the same algorithm at the same final step: the difference of the means."""
     lines = []
-    split = lambda label: (label.split(" (target ")[0], label.partition(" (target ")[2])  # noqa: E731 (name, target)
     for ours, (step, returns, _) in results.items():
         for peer, (peer_step, peer_returns, _) in results.items():
-            (name, target), (peer_name, peer_target) = split(ours), split(peer)
+            (name, _, target), (peer_name, _, peer_target) = ours.partition(" (target "), peer.partition(" (target ")
             if name in PEERS or peer_name not in PEERS or ALGORITHMS.get(name) != PEERS[peer_name] or \
                     step != peer_step or target != peer_target:
                 continue

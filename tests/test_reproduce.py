@@ -542,8 +542,8 @@ def test_offline_runs_end_with_a_final_evaluation_of_their_model(tmp_path, inver
         episodes = np.split(data["rewards"], np.flatnonzero(data["terminals"] | data["timeouts"]) + 1)[:-1]  # complete
         data_mean = np.mean([episode.sum(dtype=np.float64) for episode in episodes])
     result = harness("--scripts", "decision_transformer.py", "decision_diffuser.py", "--datasets",
-                     inverted_pendulum_random_npz, "--seeds", "1", "--total-timesteps", "20", "--output-dir", str(output),
-                     "--aggregate-only", cwd=tmp_path)
+                     inverted_pendulum_random_npz, "--seeds", "1", "--total-timesteps", "20", "--output-dir",
+                     str(output), "--aggregate-only", cwd=tmp_path)
     table = (output / "random.md").read_text()
     assert "| decision_diffuser | 20 | 1 | 1 |" in table and "| decision_transformer (target " in table
     assert f"The data: mean episode return {data_mean:.1f}" in table
@@ -609,7 +609,8 @@ def test_d3rlpy_peer_runs_through_the_harness_beside_our_decision_transformer(tm
     folder = output / "jobs" / "d3rlpy_dt" / "random" / "seed1"
     model = glob.glob(str(folder / "runs" / "*" / "d3rlpy_dt_20.d3"))[0]  # the model of the last checkpoint
     config = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", "import d3rlpy, json, sys; c = d3rlpy.load_learnable("
-                             "sys.argv[1]).config; o = c.optim_factory; print(json.dumps([c.context_size, c.batch_size, "
+                             "sys.argv[1]).config; o = c.optim_factory; print(json.dumps([c.context_size, "
+                             "c.batch_size, "
                              "c.learning_rate, c.num_heads, c.num_layers, c.attn_dropout, c.resid_dropout, "
                              "c.embed_dropout, c.max_timestep, c.encoder_factory.hidden_units, o.weight_decay, "
                              "o.clip_grad_norm, o.lr_scheduler_factory.warmup_steps, c.reward_scaler.multiplier]))",
@@ -648,3 +649,13 @@ def test_an_interrupted_d3rlpy_peer_run_resumes_exactly(tmp_path, inverted_pendu
                "b.optim.state_dict()['lr_scheduler'])")
     same = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", compare, *models], capture_output=True, text=True)
     assert same.stdout.strip().splitlines()[-1:] == ["True"], same.stdout + same.stderr  # the weights, bit for bit
+
+
+def test_the_datas_mean_return_counts_complete_episodes_only(tmp_path):
+    """Episodes end at terminals | timeouts; an unfinished last one is left out (as the offline scripts' targets
+    do), and the score uses the file's own references: returns 3 and 4 (the trailing 5 is cut), mean 3.5, 35.0."""
+    path = str(tmp_path / "data.npz")
+    np.savez(path, rewards=np.array([1, 1, 1, 2, 2, 5], np.float32), terminals=np.array([0, 0, 1, 0, 0, 0], bool),
+             timeouts=np.array([0, 0, 0, 0, 1, 0], bool), ref_scores=np.array([0.0, 10.0]))
+    assert reproduce.data_returns(path) == (3.5, 35.0)
+    assert reproduce.data_returns("mujoco/hopper/medium-v0") is None  # a Minari id: no file to read
