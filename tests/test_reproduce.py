@@ -610,8 +610,7 @@ def test_d3rlpy_peer_runs_through_the_harness_beside_our_decision_transformer(tm
     model = glob.glob(str(folder / "runs" / "*" / "d3rlpy_dt_20.d3"))[0]  # the model of the last checkpoint
     config = subprocess.run([os.environ["D3RLPY_PYTHON"], "-c", "import d3rlpy, json, sys; c = d3rlpy.load_learnable("
                              "sys.argv[1]).config; o = c.optim_factory; print(json.dumps([c.context_size, "
-                             "c.batch_size, "
-                             "c.learning_rate, c.num_heads, c.num_layers, c.attn_dropout, c.resid_dropout, "
+                             "c.batch_size, c.learning_rate, c.num_heads, c.num_layers, c.attn_dropout, c.resid_dropout, "
                              "c.embed_dropout, c.max_timestep, c.encoder_factory.hidden_units, o.weight_decay, "
                              "o.clip_grad_norm, o.lr_scheduler_factory.warmup_steps, c.reward_scaler.multiplier]))",
                              model], capture_output=True, text=True, check=True).stdout.splitlines()[-1]
