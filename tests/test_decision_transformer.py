@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium as gym
 import numpy as np
@@ -507,29 +508,31 @@ def one_line_error(result, *fragments):
 
 def test_bad_input_gives_one_line_errors(in_tmp, pendulum_data):
     path, data = pendulum_data
-    run = lambda *cli: run_script(SCRIPT, *cli, cwd=in_tmp, check=False)  # noqa: E731
-    one_line_error(run(), "--dataset")
-    one_line_error(run("--dataset", "missing.npz"), "not found", "--export-replay")
     with open("corrupt.npz", "wb") as file:
         file.write(b"not a zip file")
-    one_line_error(run("--dataset", "corrupt.npz"), "corrupt")
     np.savez("no_actions.npz", observations=data["observations"], rewards=data["rewards"])
-    one_line_error(run("--dataset", "no_actions.npz"), "lacks the keys", "actions")
-    one_line_error(run("--dataset", path, "--env-id", "Hopper-v5"), "obs_dim 3", "--env-id")
-    arrays = {key: data[key] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    np.savez("no_env.npz", **arrays)
-    one_line_error(run("--dataset", "no_env.npz"), "--env-id")
-    one_line_error(run("--dataset", path, "--env-id", "NoSuchEnv-v0"), "--env-id")
-    one_line_error(run("--dataset", path, "--embed-dim", "30", "--n-heads", "4"), "divisible")
-    one_line_error(run("--dataset", path, "--total-steps", "0"), "--total-steps")
-    one_line_error(run("--dataset", path, "--max-ep-len", "100"), "--max-ep-len")
-    one_line_error(run("--dataset", "someone/unknown-dataset-v0"), "--download-dataset")
-    one_line_error(run("--eval-checkpoint", "missing.pt"), "does not exist")
+    np.savez("no_env.npz", **{key: data[key] for key in ("observations", "actions", "rewards", "terminals", "timeouts")})
     with open("corrupt.pt", "wb") as file:
         file.write(b"garbage")
-    one_line_error(run("--eval-checkpoint", "corrupt.pt"), "corrupt")
     torch.save({"script": "sac_continuous", "version": 1}, "sac.pt")
-    one_line_error(run("--eval-checkpoint", "sac.pt"), "sac_continuous.py")
+    cases = [((), ["--dataset"]),
+             (("--dataset", "missing.npz"), ["not found", "--export-replay"]),
+             (("--dataset", "corrupt.npz"), ["corrupt"]),
+             (("--dataset", "no_actions.npz"), ["lacks the keys", "actions"]),
+             (("--dataset", path, "--env-id", "Hopper-v5"), ["obs_dim 3", "--env-id"]),
+             (("--dataset", "no_env.npz"), ["--env-id"]),
+             (("--dataset", path, "--env-id", "NoSuchEnv-v0"), ["--env-id"]),
+             (("--dataset", path, "--embed-dim", "30", "--n-heads", "4"), ["divisible"]),
+             (("--dataset", path, "--total-steps", "0"), ["--total-steps"]),
+             (("--dataset", path, "--max-ep-len", "100"), ["--max-ep-len"]),
+             (("--dataset", "someone/unknown-dataset-v0"), ["--download-dataset"]),
+             (("--eval-checkpoint", "missing.pt"), ["does not exist"]),
+             (("--eval-checkpoint", "corrupt.pt"), ["corrupt"]),
+             (("--eval-checkpoint", "sac.pt"), ["sac_continuous.py"])]
+    with ThreadPoolExecutor(4) as pool:  # each case is a fresh process that mostly imports: run a few at once
+        results = pool.map(lambda cli: run_script(SCRIPT, *cli, cwd=in_tmp, check=False), [cli for cli, _ in cases])
+        for (cli, fragments), result in zip(cases, results):
+            one_line_error(result, *fragments)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
