@@ -306,14 +306,14 @@ def test_cli_run_performs_updates_and_logs_finite_metrics(tmp_path):
 @pytest.mark.learning
 def test_learns_pendulum(tmp_path):
     """Pendulum-v1: a random policy scores about -1200 at every evaluation. SAC must reach a mean evaluation return
-    of at least -300 within 10k steps (the issue allows 15k) for this fixed seed, and not have collapsed at the end
-    (single evaluations dip: this seed scores about -130 from 5k steps on, but -450 at exactly 8k)."""
-    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "10000", "--learning-starts", "1000",
+    of at least -300 within 6k steps (the issue allows 15k) for this fixed seed, and not have collapsed at the end
+    (single evaluations dip: this seed scores -180 to -130 from 4k steps on, but -450 at exactly 8k)."""
+    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000",
                         "--eval-every", "2000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
                         cwd=str(tmp_path))
     returns = evaluation_returns(result.stdout)
     print(returns)
-    assert len(returns) == 5 and returns[0] < -300  # it starts far from the threshold
+    assert len(returns) == 3 and returns[0] < -300  # it starts far from the threshold
     assert max(returns) >= -300 and returns[-1] >= -600, returns
 
 

@@ -321,13 +321,14 @@ def test_track_sends_losses_and_charts_to_weights_and_biases(tmp_path):
 @pytest.mark.learning
 def test_learns_pendulum(tmp_path):
     """Pendulum-v1: a random policy scores about -1200 at every evaluation. TD3 must reach a mean evaluation return
-    of at least -300 within 12k steps (the issue allows 20k) for this fixed seed, and not have collapsed at the end."""
-    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "12000", "--learning-starts", "1000",
+    of at least -300 within 8k steps (the issue allows 20k) for this fixed seed, and not have collapsed at the end
+    (this seed: -1460 and -1130 at 2k and 4k, -190 at 6k, -140 at 8k)."""
+    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "8000", "--learning-starts", "1000",
                         "--eval-every", "2000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
                         cwd=str(tmp_path))
     returns = evaluation_returns(result.stdout)
     print(returns)
-    assert len(returns) == 6 and returns[0] < -300  # it starts far from the threshold
+    assert len(returns) == 4 and returns[0] < -300  # it starts far from the threshold
     assert max(returns) >= -300 and returns[-1] >= -600, returns
 
 
