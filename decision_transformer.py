@@ -740,16 +740,15 @@ def adopt_checkpoint_settings(args: Args, checkpoint: dict) -> dict:
 
 # --- Logging and errors -----------------------------------------------------------------------------------------------
 def make_writer(args, run_name: str, purge_step: int | None = None) -> SummaryWriter:
-    """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases patches TensorBoard first:
-    the patch only sees writers created after it. From purge_step on, TensorBoard drops older events."""
+    """TensorBoard writer for runs/{run_name}. With --track, Weights & Biases starts first: its sync_tensorboard
+    patch only sees writers created after wandb.init. From purge_step on, TensorBoard drops older events."""
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs Weights & Biases: pip install wandb")
-        wandb.tensorboard.patch(root_logdir=f"runs/{run_name}")  # given a root, wandb need not wait to infer one
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                   save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}", purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", purge_step or 0)

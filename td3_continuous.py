@@ -895,16 +895,15 @@ def write_with_fallback(path: str, write, fallback_folder: str) -> str:
 
 def make_writer(args, run_name: str, start_step: int = 0) -> SummaryWriter:
     """TensorBoard writer for runs/{run_name}. A resumed run writes into the same folder: TensorBoard drops what the
-    interrupted run logged after the checkpoint (purge_step). With --track, Weights & Biases patches TensorBoard
-    first: the patch only sees writers created after it."""
+    interrupted run logged after the checkpoint (purge_step). With --track, Weights & Biases starts first: its
+    sync_tensorboard patch only sees writers created after wandb.init."""
     if args.track:
         try:
             import wandb
         except ImportError:
             fail("--track needs Weights & Biases: pip install wandb")
-        wandb.tensorboard.patch(root_logdir=f"runs/{run_name}")  # given a root, wandb need not wait to infer one
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                   save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if start_step else None)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")

@@ -72,14 +72,11 @@ def wandb_offline_tags(cwd: str) -> set[str]:
 
     wandb 0.31 ships no Python reader for it, so this walks the file's record log (a 7-byte header, then 32 KiB
     blocks of records, each with a 7-byte header: checksum, length, kind 1 = whole, 2/3/4 = first/middle/last part)
-    and parses each record with wandb's own protobuf definitions. The run's log must not show wandb guessing the
-    TensorBoard root: without one it waits 10 s at exit."""
+    and parses each record with wandb's own protobuf definitions."""
     from wandb.proto import wandb_internal_pb2
 
     paths = glob.glob(os.path.join(cwd, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(paths) == 1, f"expected one offline wandb run in {cwd}, found {paths}"
-    log = open(os.path.join(os.path.dirname(paths[0]), "logs", "debug-internal.log")).read()
-    assert "tensorboard: no root directory" not in log, "wandb was not told the TensorBoard root and waited for one"
     raw = open(paths[0], "rb").read()
     assert raw[:4] == b":W&B", "not a wandb run file"
     block, position, pending, tags = 32768, 7, b"", set()

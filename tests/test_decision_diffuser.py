@@ -661,7 +661,7 @@ def test_evaluation_plans_with_the_ema_weights(in_tmp, small_dataset, monkeypatc
 
 def test_cli_track_sends_the_metrics_to_weights_and_biases(tmp_path, small_dataset):
     """wandb's offline mode is a real client without network: the run file it writes must hold the losses, the
-    speed and the evaluation that TensorBoard got (wandb's TensorBoard patch only sees writers created after it)."""
+    speed and the evaluation that TensorBoard got (sync_tensorboard only sees writers created after wandb.init)."""
     pytest.importorskip("wandb")
     run_script(SCRIPT, "--dataset", str(small_dataset), *TINY, "--total-steps", "20", "--log-every", "10",
                "--eval-every", "10", "--track", cwd=str(tmp_path),

@@ -539,7 +539,7 @@ def test_bad_input_gives_one_line_errors(in_tmp, pendulum_data):
 # Correctness pass (issue 11)
 # ----------------------------------------------------------------------------------------------------------------------
 def test_track_sends_losses_and_evaluations_to_weights_and_biases(in_tmp, pendulum_data):
-    """wandb's TensorBoard patch only sees SummaryWriters created after it: the offline run must hold them."""
+    """wandb's sync_tensorboard only sees SummaryWriters created after wandb.init: the offline run must hold them."""
     pytest.importorskip("wandb")
     path, _ = pendulum_data
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(in_tmp), "WANDB_SILENT": "true"}
