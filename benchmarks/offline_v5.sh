@@ -10,8 +10,9 @@
 #             64, K = 20, 128 dims, 3 layers, 1 head), 10 episodes per target every 10k steps, then the final model
 #             over 100 per target; beside it d3rlpy's DT with the same settings where D3RLPY_PYTHON is set
 #             (benchmarks/requirements-d3rlpy.txt in an environment of its own)
-#   dd-sweep  the Decision Diffuser's CPU configuration: horizon 4, 8, 16 x U-Net width 32, 64 on hopper-medium,
-#             $SWEEP_STEPS steps each (default 10000)
+#   dd-sweep  the Decision Diffuser's CPU configuration: horizon 4, 8, 16 x U-Net width 32, 64 on hopper-medium
+#             (or the HORIZONxWIDTH pairs of $SWEEP_CONFIGS, e.g. "4x32 8x32"), $SWEEP_STEPS steps each (default 10000),
+#             evaluated every $SWEEP_EVAL_EVERY steps (default half the run), in $OUT/dd_sweep_$SWEEP_STEPS/
 #   dd        the Decision Diffuser at the configuration chosen from the sweep (DD_FLAGS below)
 # SET defaults to the order: the medium sets, the medium-replay sets, the medium-expert sets, then expert.
 set -euo pipefail
@@ -37,6 +38,8 @@ dd_common=(--dim-mults 1 2 --n-diffusion-steps 20 --batch-size 64 --gradient-acc
 DD_FLAGS=(${DD_FLAGS:---horizon 4 --dim 32 --eval-every 10000})
 DD_STEPS=${DD_STEPS:-30000}
 SWEEP_STEPS=${SWEEP_STEPS:-10000}
+SWEEP_EVAL_EVERY=${SWEEP_EVAL_EVERY:-$((SWEEP_STEPS / 2))}
+SWEEP_CONFIGS=${SWEEP_CONFIGS:-4x32 4x64 8x32 8x64 16x32 16x64}
 
 for set in "${sets[@]}"; do
   data=$suite/$set-v0.npz
@@ -52,12 +55,11 @@ for set in "${sets[@]}"; do
       python benchmarks/reproduce.py --scripts "${scripts[@]}" --datasets "$data" --seeds 1 \
         --total-timesteps 100000 --output-dir "$out/offline_dt" --aggregate-only ;;
     dd-sweep)
-      for horizon in 4 8 16; do
-        for dim in 32 64; do
-          python benchmarks/reproduce.py --scripts decision_diffuser.py --datasets "$data" --seeds 1 \
-            --total-timesteps "$SWEEP_STEPS" --workers 2 --output-dir "$out/dd_sweep/h${horizon}_dim${dim}" \
-            -- "${dd_common[@]}" --horizon $horizon --dim $dim --eval-every $((SWEEP_STEPS / 2))
-        done
+      for config in $SWEEP_CONFIGS; do
+        horizon=${config%x*} dim=${config#*x}
+        python benchmarks/reproduce.py --scripts decision_diffuser.py --datasets "$data" --seeds 1 \
+          --total-timesteps "$SWEEP_STEPS" --workers 2 --output-dir "$out/dd_sweep_$SWEEP_STEPS/h${horizon}_dim${dim}" \
+          -- "${dd_common[@]}" --horizon "$horizon" --dim "$dim" --eval-every "$SWEEP_EVAL_EVERY"
       done ;;
     dd)
       python benchmarks/reproduce.py --scripts decision_diffuser.py --datasets "$data" --seeds 1 \
