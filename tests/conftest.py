@@ -1,14 +1,53 @@
+import concurrent.futures
 import glob
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts are single files at the top level: import them as modules
+
+# The suite runs in two lanes: the tests in order, and beside them the long jobs of `background` (learning runs, the
+# tiny offline suite). One torch thread per process, here and in every script a test starts, so that the two lanes
+# share a 2-core machine without the many-fold slow-down of two multi-threaded torch processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+STARTED: dict = {}  # job -> (its folder, its future)
+
+
+def start(job):
+    """Start `job(folder)` in the background lane (once per session, in a fresh folder of its own) if not started."""
+    if job not in STARTED:
+        folder = tempfile.mkdtemp(prefix=f"pytest-{job.__name__}-")
+        STARTED[job] = folder, BACKGROUND.submit(job, folder)
+    return STARTED[job][1]
+
+
+def background(job):
+    """What `job(folder)` returned. A long job, marked `pytest.mark.background(job=job)` on every test that needs it,
+    starts as soon as collection ends and runs on the other core while the tests before it run. It works in a folder
+    of its own with absolute paths only (tests in the first lane change directory) and runs scripts as subprocesses.
+    Its exceptions (a failed command, a skip) are the test's."""
+    return start(job).result()
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        for item in session.items:
+            for marker in item.iter_markers("background"):
+                start(marker.kwargs["job"])
+
+
+def pytest_sessionfinish(session):
+    BACKGROUND.shutdown(cancel_futures=True)  # a run stopped early (-x, Ctrl-C) waits for the job under way
+    for folder, _ in STARTED.values():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_script(script: str, *cli_args: str, cwd: str, check: bool = True, env: dict | None = None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import (all_finite, assert_same_tensors, evaluation_returns, only_run_dir, read_scalars,
+from conftest import (all_finite, assert_same_tensors, background, evaluation_returns, only_run_dir, read_scalars,
                       run_killed_after_checkpoint, run_script, wandb_offline_tags)
 
 import decision_diffuser as dd
@@ -742,19 +742,26 @@ SMALL_CONFIG = ["--horizon", "16", "--dim", "32", "--dim-mults", "1", "2", "--n-
                 "--no-cuda"]
 
 
+def pendulum_learning_run(folder):
+    """The small configuration trained on `pendulum_dataset`, then its checkpoint conditioned on a low return."""
+    episode_returns = pendulum_dataset(os.path.join(folder, "pendulum.npz"))
+    result = run_script(SCRIPT, "--dataset", "pendulum.npz", *SMALL_CONFIG, "--eval-every", "10000", "--log-every",
+                        "500", "--save-model", cwd=folder)
+    checkpoint = glob.glob(os.path.join(folder, "runs", "*", "decision_diffuser.pt"))[0]
+    low = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--test-return", "0.1", "--sampler", "ddim",
+                     "--sampling-steps", "10", "--no-cuda", cwd=folder)
+    return episode_returns, result, low
+
+
 @pytest.mark.learning
-def test_learns_pendulum_above_the_dataset_mean(tmp_path):
+@pytest.mark.background(job=pendulum_learning_run)
+def test_learns_pendulum_above_the_dataset_mean():
     """30 episodes: 10 of a swing-up controller (about -130), 10 with half the actions random (about -400) and 10
     random (about -1170); dataset mean about -630. Conditioned on a high return (0.9 of the data's range), the small
     configuration must score above -300 over 10 evaluation episodes, far above the data's mean. The same checkpoint
     conditioned on a low return (0.1) must score below -700: the return condition, not luck, sets the behaviour."""
-    episode_returns = pendulum_dataset(tmp_path / "pendulum.npz")
-    result = run_script(SCRIPT, "--dataset", "pendulum.npz", *SMALL_CONFIG, "--eval-every", "10000", "--log-every",
-                        "500", "--save-model", cwd=str(tmp_path))
+    episode_returns, result, low = background(pendulum_learning_run)
     final = evaluation_returns(result.stdout)[-1]
-    checkpoint = glob.glob(str(tmp_path / "runs" / "*" / "decision_diffuser.pt"))[0]
-    low = run_script(SCRIPT, "--eval-checkpoint", checkpoint, "--test-return", "0.1", "--sampler", "ddim",
-                     "--sampling-steps", "10", "--no-cuda", cwd=str(tmp_path))
     low_return = float(low.stdout.split("final evaluation: ")[1].split(" +-")[0])
     print(f"dataset mean {episode_returns.mean():.1f}, decision diffuser {final:.1f}, asked for a low return "
           f"{low_return:.1f}")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import decision_transformer as dt
-from conftest import (all_finite, assert_same_tensors, only_run_dir, read_scalars, run_killed_after_checkpoint,
-                      run_script, wandb_offline_tags)
+from conftest import (all_finite, assert_same_tensors, background, only_run_dir, read_scalars,
+                      run_killed_after_checkpoint, run_script, wandb_offline_tags)
 
 SCRIPT = "decision_transformer.py"
 TINY = ["--no-cuda", "--context-len", "5", "--embed-dim", "32", "--n-layers", "1", "--batch-size", "16",
@@ -448,22 +448,28 @@ def test_learning_rate_warms_up_linearly(in_tmp, pendulum_data):
         assert lr[step] == pytest.approx(1e-4 * (step + 1) / 40, rel=1e-5)
 
 
+def inverted_pendulum_learning_run(folder):
+    data = write_dataset(os.path.join(folder, "inverted_pendulum.npz"), "InvertedPendulum-v5",
+                         inverted_pendulum_controller, [0.1, 0.3, 0.5, 1.0], episodes=20)
+    result = run_script(SCRIPT, "--dataset", "inverted_pendulum.npz", "--total-steps", "1000", "--eval-every",
+                        "100000", "--context-len", "10", "--embed-dim", "64", "--n-layers", "2", "--batch-size", "64",
+                        "--learning-rate", "1e-3", "--warmup-steps", "100", "--reward-scale", "100",
+                        "--target-returns", "1000", "--eval-episodes", "10", "--log-every", "500", cwd=folder)
+    return data, result
+
+
 @pytest.mark.learning
-def test_learning_beats_the_dataset_mean(in_tmp):
+@pytest.mark.background(job=inverted_pendulum_learning_run)
+def test_learning_beats_the_dataset_mean():
     """A small model conditioned on a high return beats the dataset's mean episode return by a clear margin.
 
     InvertedPendulum-v5 rather than Pendulum-v1: its rewards are positive (+1 per step alive), as in the locomotion
     tasks. Pendulum's are negative, so a target above what a start state allows drives the return-to-go above zero,
     a value the data never shows. The controller's actions carry Gaussian noise (as a stochastic policy's do);
     without it the next action equals the previous one and a transformer learns to copy it instead of the state."""
-    data = write_dataset("inverted_pendulum.npz", "InvertedPendulum-v5", inverted_pendulum_controller,
-                         [0.1, 0.3, 0.5, 1.0], episodes=20)
+    data, result = background(inverted_pendulum_learning_run)
     dataset_mean, dataset_best = data["episode_returns"].mean(), data["episode_returns"].max()
     assert 300 < dataset_mean < 600 and dataset_best == 1000  # good and bad episodes mixed
-    result = run_script(SCRIPT, "--dataset", "inverted_pendulum.npz", "--total-steps", "1000", "--eval-every",
-                        "100000", "--context-len", "10", "--embed-dim", "64", "--n-layers", "2", "--batch-size", "64",
-                        "--learning-rate", "1e-3", "--warmup-steps", "100", "--reward-scale", "100",
-                        "--target-returns", "1000", "--eval-episodes", "10", "--log-every", "500", cwd=in_tmp)
     final = float(result.stdout.split("final evaluation (target 1000): ")[1].split(" +-")[0])
     print(f"dataset mean {dataset_mean:.1f}, best {dataset_best:.1f}, DT {final:.1f}")
     assert final > dataset_mean + 0.5 * (dataset_best - dataset_mean)
@@ -649,21 +655,27 @@ def inverted_pendulum_antagonist(obs: np.ndarray) -> float:
     return -inverted_pendulum_controller(obs)
 
 
-@pytest.mark.learning
-def test_return_conditioning_selects_good_or_bad_behaviour(in_tmp):
-    """The data mixes episodes of a balancing controller (return up to 1000) and of its sign-flipped antagonist
-    (a few steps). Conditioned on 1000 the model must balance; conditioned on the antagonist's return it must not.
-    Plain behaviour cloning, which ignores R, scores the same under both targets and fails this test."""
-    data = write_dataset("mixed.npz", "InvertedPendulum-v5", [inverted_pendulum_controller,
-                         inverted_pendulum_antagonist], [0.3, 0.3], episodes=40)
-    good, bad = data["episode_returns"][0::2], data["episode_returns"][1::2]
-    assert good.mean() > 900 and bad.max() < 30, (good, bad)
-    low = float(np.round(bad.mean()))
+def mixed_learning_run(folder):
+    data = write_dataset(os.path.join(folder, "mixed.npz"), "InvertedPendulum-v5",
+                         [inverted_pendulum_controller, inverted_pendulum_antagonist], [0.3, 0.3], episodes=40)
+    low = float(np.round(data["episode_returns"][1::2].mean()))
     result = run_script(SCRIPT, "--dataset", "mixed.npz", "--total-steps", "500", "--eval-every", "100000",
                         "--context-len", "10", "--embed-dim", "64", "--n-layers", "2", "--batch-size", "64",
                         "--learning-rate", "1e-3", "--warmup-steps", "100", "--reward-scale", "100",
                         "--target-returns", "1000", f"{low:g}", "--eval-episodes", "5", "--log-every", "500",
-                        cwd=in_tmp)
+                        cwd=folder)
+    return data, low, result
+
+
+@pytest.mark.learning
+@pytest.mark.background(job=mixed_learning_run)
+def test_return_conditioning_selects_good_or_bad_behaviour():
+    """The data mixes episodes of a balancing controller (return up to 1000) and of its sign-flipped antagonist
+    (a few steps). Conditioned on 1000 the model must balance; conditioned on the antagonist's return it must not.
+    Plain behaviour cloning, which ignores R, scores the same under both targets and fails this test."""
+    data, low, result = background(mixed_learning_run)
+    good, bad = data["episode_returns"][0::2], data["episode_returns"][1::2]
+    assert good.mean() > 900 and bad.max() < 30, (good, bad)
     high_return = float(result.stdout.split("final evaluation (target 1000): ")[1].split(" +-")[0])
     low_return = float(result.stdout.split(f"final evaluation (target {low:g}): ")[1].split(" +-")[0])
     print(f"good episodes {good.mean():.1f}, bad {bad.mean():.1f}; DT at 1000: {high_return:.1f}, at {low:g}: "

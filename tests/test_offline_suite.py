@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_minari_equals_npz, run_script
+from conftest import ROOT, assert_minari_equals_npz, background, run_script
 
 SUITE, AGENTS = os.path.join(ROOT, "benchmarks", "offline_suite.py"), os.path.join(ROOT, "benchmarks", "agents.py")
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -38,14 +39,13 @@ def one_line_error(result, fragment: str):
     assert len(lines) == 1 and "error" in lines[0] and fragment in lines[0], result.stderr
 
 
-@pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory):
+def make_tiny_suite(folder):
     """Per task, a 1000/600-step SAC run (its training transitions exported by the script itself, --export-replay)
     and a 500-step TD3 run, released as the task's medium and expert agents; then the suite for Hopper-v5 (episodes end
     by termination) and Pendulum-v1 (every episode truncated at 200 steps). Pendulum's medium run is first taken to
     step 400 in the suite's own work folder, so the suite resumes it rather than rerunning it."""
     pytest.importorskip("minari")
-    folder = tmp_path_factory.mktemp("suite")
+    folder = Path(folder)
     env = {"MINARI_DATASETS_PATH": str(folder / "minari")}
     for task, (env_id, steps) in TASKS.items():
         sac = [*TINY_SAC, "--env-id", env_id, "--eval-every", str(steps)]
@@ -67,6 +67,14 @@ def tiny_suite(tmp_path_factory):
                "--namespace", "test"]
     result = run_tool(SUITE, *command, cwd=str(folder), env=env)
     return SimpleNamespace(folder=folder, out=folder / "out", env=env, stdout=result.stdout, command=command)
+
+
+pytestmark = pytest.mark.background(job=make_tiny_suite)  # every test here uses it
+
+
+@pytest.fixture
+def tiny_suite():
+    return background(make_tiny_suite)
 
 
 def load(suite, task: str, name: str) -> dict:

@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import (all_finite, assert_minari_equals_npz, assert_resume_is_exact, assert_same_tensors,
+from conftest import (all_finite, assert_minari_equals_npz, assert_resume_is_exact, assert_same_tensors, background,
                       evaluation_returns, only_run_dir, read_scalars, record_buffer_adds, run_script,
                       wandb_offline_tags)
 
@@ -303,14 +303,19 @@ def test_cli_run_performs_updates_and_logs_finite_metrics(tmp_path):
     assert [step for step, _ in scalars["eval/episodic_return"]] == [200, 400]
 
 
+def pendulum_learning_run(folder):
+    return run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000",
+                      "--eval-every", "2000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
+                      cwd=folder)
+
+
 @pytest.mark.learning
-def test_learns_pendulum(tmp_path):
+@pytest.mark.background(job=pendulum_learning_run)
+def test_learns_pendulum():
     """Pendulum-v1: a random policy scores about -1200 at every evaluation. SAC must reach a mean evaluation return
     of at least -300 within 6k steps (the issue allows 15k) for this fixed seed, and not have collapsed at the end
     (single evaluations dip: this seed scores -180 to -130 from 4k steps on, but -450 at exactly 8k)."""
-    result = run_script(SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000",
-                        "--eval-every", "2000", "--eval-episodes", "10", "--log-every", "2000", "--seed", "1",
-                        cwd=str(tmp_path))
+    result = background(pendulum_learning_run)
     returns = evaluation_returns(result.stdout)
     print(returns)
     assert len(returns) == 3 and returns[0] < -300  # it starts far from the threshold
