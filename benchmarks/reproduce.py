@@ -39,7 +39,8 @@ d3rlpy pins its own Gymnasium, so it runs in an environment of its own
 
 `--final-eval-episodes N`: each offline run that finishes is then evaluated once more, its last model over N
 episodes per target, through the program's evaluation-only mode (`--eval-checkpoint`), with the run's own seeds (its
-first episodes are those of the run's evaluations); the result goes to the run's `final_evaluation.csv` and to the
+first episodes are those of the run's evaluations) and evaluation flags (EVALUATION_FLAGS: the Decision Diffuser's
+sampler, for one); the result goes to the run's `final_evaluation.csv` and to the
 tables. A run counts as finished (done.json) only once that evaluation is written.
 
 Outputs in OUTPUT: `evaluations.csv` (one row per run and evaluation), `TASK.md` (a table per task: final
@@ -148,6 +149,24 @@ def script_command(script: str) -> list:
     return [python, os.path.join(ROOT, "benchmarks", file), *flags]
 
 
+# Flags that an offline program's evaluation-only mode reads from its command line, not from the checkpoint (the
+# Decision Diffuser's sampler, guidance and return condition; the evaluation env and device): the final evaluation
+# repeats those the run was given, so that it evaluates as the run's own evaluations did.
+EVALUATION_FLAGS = {"--sampler", "--sampling-steps", "--ddim-eta", "--guidance-weight", "--temperature",
+                    "--test-return", "--target-returns", "--env-id", "--no-cuda"}
+
+
+def evaluation_flags(command: list) -> list:
+    """The EVALUATION_FLAGS of a run's command, each with its values."""
+    flags, keep = [], False
+    for token in command:
+        if token.startswith("--"):
+            keep = token.split("=")[0] in EVALUATION_FLAGS
+        if keep:
+            flags.append(token)
+    return flags
+
+
 def final_evaluation(run: "Run", log, env: dict) -> int:
     """Evaluate a finished offline run's model over run.final_episodes episodes per target, through the program's
     evaluation-only mode (--eval-checkpoint), into final_evaluation.csv. Returns the exit code."""
@@ -155,7 +174,8 @@ def final_evaluation(run: "Run", log, env: dict) -> int:
     if model is None:
         log.write(f"no saved model in {run.folder}/runs for the final evaluation\n")
         return 1
-    command = [*script_command(run.script), "--eval-checkpoint", model, "--eval-episodes", str(run.final_episodes)]
+    command = [*script_command(run.script), "--eval-checkpoint", model, "--eval-episodes", str(run.final_episodes),
+               *evaluation_flags(run.command)]
     log.write(" ".join(command) + "\n")
     log.flush()
     result = subprocess.run(command, cwd=run.folder, capture_output=True, text=True, env=env)

@@ -32,14 +32,16 @@ def start(job):
 def background(job):
     """What `job(folder)` returned. A long job, marked `pytest.mark.background(job=job)` on every test that needs it,
     starts as soon as collection ends and runs on the other core while the tests before it run. It works in a folder
-    of its own with absolute paths only (tests in the first lane change directory) and runs scripts as subprocesses.
-    Its exceptions (a failed command, a skip) are the test's."""
+    of its own with absolute paths only (tests in the first lane change directory) and runs scripts as subprocesses,
+    passing what they need in their `env` (tests in the first lane set environment variables). Its exceptions (a
+    failed command, a skip) are the test's."""
     return start(job).result()
 
 
 def pytest_collection_finish(session):
-    if not session.config.option.collectonly:
-        for item in session.items:
+    option = session.config.option
+    if not option.collectonly and not (session.testsfailed and not option.continue_on_collection_errors):
+        for item in session.items:  # (nothing runs after --collect-only or a collection error)
             for marker in item.iter_markers("background"):
                 start(marker.kwargs["job"])
 

@@ -514,14 +514,16 @@ def test_sb3_peers_run_through_the_harness_beside_our_script(tmp_path):
 TINY_DT = ["--context-len", "4", "--embed-dim", "16", "--n-layers", "1", "--batch-size", "8", "--warmup-steps", "5",
            "--eval-every", "10", "--eval-episodes", "1", "--log-every", "10"]
 TINY_DD = ["--horizon", "8", "--dim", "16", "--dim-mults", "1", "2", "--n-diffusion-steps", "10", "--batch-size", "16",
-           "--eval-every", "10", "--eval-episodes", "1", "--log-every", "10"]
+           "--eval-every", "10", "--eval-episodes", "1", "--log-every", "10", "--sampler", "ddim", "--sampling-steps",
+           "5", "--test-return", "0.7"]
 
 
 def test_offline_runs_end_with_a_final_evaluation_of_their_model(tmp_path, inverted_pendulum_random_npz):
     """--final-eval-episodes evaluates each finished offline run's model through the script's evaluation-only mode.
     With as many episodes as the run's own evaluations, it must give exactly the run's final evaluation (the same
     model, the same start states), one row per target for the Decision Transformer, one for the Diffuser; the tables
-    show it and the data's mean return."""
+    show it and the data's mean return. The Diffuser's run samples with DDIM and another return condition, which its
+    evaluation-only mode takes from the command line: the final evaluation must repeat them."""
     output = tmp_path / "results"
     for script, flags in (("decision_transformer.py", TINY_DT), ("decision_diffuser.py", TINY_DD)):
         result = harness("--scripts", script, "--datasets", inverted_pendulum_random_npz, "--seeds", "1",
